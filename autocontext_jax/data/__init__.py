@@ -1,0 +1,1 @@
+"""Reading, generating and sampling 3D CT data."""

@@ -1,0 +1,100 @@
+"""The multi-scale auto-context pyramid of 3D U-Nets (Roth et al., MICCAI 2018).
+
+Level 1 sees the image downsampled by 2^S; level s sees it downsampled by 2^(S-s+1).
+For s > 1 the softmax of level s-1 is upsampled x2 (trilinear), centre-cropped to the
+field of view of level s and concatenated to its image as K extra channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from autocontext_jax.models.unet import UNet3D
+
+CONTEXT_MODES = ("end_to_end", "stagewise", "none")
+
+
+def downsample_factor(level: int, num_levels: int) -> int:
+    """Downsample factor of pyramid `level` (1 = coarsest) in a pyramid of `num_levels`."""
+    return 2 ** (num_levels - level + 1)
+
+
+def upsample_and_crop(probs: jnp.ndarray, spatial_shape: Sequence[int]) -> jnp.ndarray:
+    """Upsample channels-last `probs` x2 (trilinear) and centre-crop to `spatial_shape`.
+
+    The resize uses half-voxel centres, so voxel i of the upsampled grid covers the
+    first or second half of coarse voxel i // 2: exactly the nesting of two grids whose
+    voxels are 2^k x 2^k x 2^k blocks of the same native grid.
+    """
+    batch, *coarse, channels = probs.shape
+    up = jax.image.resize(probs, (batch, *(2 * n for n in coarse), channels), method="trilinear")
+    starts = []
+    for full, want in zip(up.shape[1:4], spatial_shape, strict=True):
+        if want > full or (full - want) % 2:
+            raise ValueError(f"cannot centre-crop an upsampled context of size {full} to {want}")
+        starts.append((full - want) // 2)
+    return jax.lax.slice(
+        up,
+        (0, *starts, 0),
+        (batch, *(s + n for s, n in zip(starts, spatial_shape, strict=True)), channels),
+    )
+
+
+class AutoContextPyramid(nn.Module):
+    """S stacked 3D U-Nets; level s > 1 takes level s-1's softmax as extra channels."""
+
+    num_levels: int = 2
+    mode: str = "end_to_end"
+    num_classes: int = 8
+    in_channels: int = 1
+    width: int = 32
+    num_poolings: int = 3
+    dtype: Any = jnp.float32
+    bn_momentum: float = 0.9
+
+    def setup(self) -> None:
+        """Create one U-Net per level, named level_1 (coarsest) ... level_S (finest)."""
+        if self.mode not in CONTEXT_MODES:
+            raise ValueError(f"pyramid.mode must be one of {CONTEXT_MODES}, got {self.mode!r}")
+        self.levels = [
+            UNet3D(
+                num_classes=self.num_classes,
+                width=self.width,
+                num_poolings=self.num_poolings,
+                dtype=self.dtype,
+                bn_momentum=self.bn_momentum,
+                name=f"level_{s + 1}",
+            )
+            for s in range(self.num_levels)
+        ]
+
+    def level_in_channels(self, level: int) -> int:
+        """Number of input channels of pyramid `level` (1-based)."""
+        with_context = level > 1 and self.mode != "none"
+        return self.in_channels + (self.num_classes if with_context else 0)
+
+    def __call__(self, images: Sequence[jnp.ndarray], train: bool = False) -> list[jnp.ndarray]:
+        """Map per-level images (coarsest first, each (B, D, H, W, C)) to per-level logits.
+
+        Training crops have the same size at every level, so each finer level sees the
+        central half of the coarser field of view; whole volumes have finer levels
+        exactly twice the size of the coarser one. Both are "upsample x2, centre-crop".
+        """
+        if len(images) != self.num_levels:
+            raise ValueError(f"expected {self.num_levels} image levels, got {len(images)}")
+        logits = []
+        for s, (net, image) in enumerate(zip(self.levels, images, strict=True)):
+            x = image
+            if s > 0 and self.mode != "none":
+                context = jax.nn.softmax(logits[-1], axis=-1)
+                if self.mode == "stagewise":
+                    context = jax.lax.stop_gradient(context)
+                context = upsample_and_crop(context, image.shape[1:4])
+                x = jnp.concatenate([image, context.astype(image.dtype)], axis=-1)
+            logits.append(net(x, train=train))
+        return logits
