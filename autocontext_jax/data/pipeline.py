@@ -1,0 +1,176 @@
+"""The Grain input pipeline: batches of aligned pyramid crops from different volumes.
+
+Example e of the run is a pure function of (seed, e): its step e // B picks B distinct
+volumes with a per-step permutation, and its own generator picks the foreground centre.
+The dataset is therefore random-access, so a resumed run starts at its checkpoint's step
+and draws exactly the batches an uninterrupted run would have drawn.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+
+import grain
+from absl import flags
+import ml_collections
+import numpy as np
+
+from autocontext_jax.data.dataset import Case, CaseFiles, DatasetError, load_case
+from autocontext_jax.data.intensity import normalize_hu
+from autocontext_jax.data.sampling import foreground_centre, pyramid_crops
+
+
+@dataclasses.dataclass
+class PreparedCase:
+    """A case ready for sampling: normalised image, labels, foreground voxels per class."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    # Class id -> (N, 3) coordinates of its voxels, for every foreground class present.
+    class_voxels: dict[int, np.ndarray]
+
+
+def prepare_case(case: Case, data_config: ml_collections.ConfigDict, path: str) -> PreparedCase:
+    """Normalise intensities and index the voxels of every foreground class of a case."""
+    coordinates = np.argwhere(case.label > 0).astype(np.int32)
+    if len(coordinates) == 0:
+        raise DatasetError(f"{path}: the label map has no foreground voxel to centre crops on")
+    classes = case.label[tuple(coordinates.T)]
+    order = np.argsort(classes, kind="stable")
+    present, starts = np.unique(classes[order], return_index=True)
+    groups = np.split(coordinates[order], starts[1:])
+    return PreparedCase(
+        case.case_id,
+        normalize_hu(case.image, data_config),
+        case.label,
+        {int(k): group for k, group in zip(present, groups, strict=True)},
+    )
+
+
+def crop_centre(
+    rng: np.random.Generator, case: PreparedCase, strategy: str
+) -> tuple[int, int, int]:
+    """A foreground voxel to centre the crops on.
+
+    `foreground`: uniform over all foreground voxels (the paper). `class_balanced`: first a
+    class uniformly among those present, then one of its voxels, so that small structures
+    (vessels, gallbladder, pancreas) are seen as often as the liver.
+    """
+    if strategy == "class_balanced":
+        classes = sorted(case.class_voxels)
+        voxels = case.class_voxels[classes[rng.integers(len(classes))]]
+        return foreground_centre(rng, voxels)
+    index = int(rng.integers(sum(len(v) for v in case.class_voxels.values())))
+    for voxels in case.class_voxels.values():
+        if index < len(voxels):
+            return tuple(int(v) for v in voxels[index])
+        index -= len(voxels)
+    raise AssertionError("unreachable: index is below the total count")
+
+
+class PyramidExampleSampler:
+    """Maps a global example index to one example of aligned pyramid crops."""
+
+    def __init__(
+        self,
+        files: Sequence[CaseFiles],
+        config: ml_collections.ConfigDict,
+        preloaded: dict[str, PreparedCase] | None = None,
+    ) -> None:
+        """Sample from `files`; `preloaded` cases are used instead of reading them again."""
+        self._files = list(files)
+        self._config = config
+        self._batch_size = config.train.batch_size
+        self._pad_value = float(normalize_hu(config.data.pad_value_hu, config.data))
+        self._cache: dict[str, PreparedCase] = dict(preloaded or {})
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        """Worker processes read their own copies instead of unpickling every volume."""
+        state = self.__dict__.copy()
+        state["_cache"], state["_lock"] = {}, None
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        """Restore after pickling, with an empty cache and a fresh lock."""
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
+
+    def cases_for_step(self, step: int) -> np.ndarray:
+        """Indices of the volumes of the global batch of `step`: distinct while possible."""
+        rng = np.random.default_rng([self._config.seed, step])
+        n, b = len(self._files), self._batch_size
+        rounds = -(-b // n)
+        return np.concatenate([rng.permutation(n) for _ in range(rounds)])[:b]
+
+    def _case(self, index: int) -> PreparedCase:
+        files = self._files[index]
+        with self._lock:
+            if files.case_id not in self._cache:
+                case = load_case(files, self._config.model.num_classes)
+                self._cache[files.case_id] = prepare_case(case, self._config.data, str(files.label))
+            return self._cache[files.case_id]
+
+    def __call__(self, example: int) -> dict[str, np.ndarray]:
+        """The pyramid crops of global example `example`."""
+        step, slot = divmod(int(example), self._batch_size)
+        case = self._case(int(self.cases_for_step(step)[slot]))
+        rng = np.random.default_rng([self._config.seed, step, slot, 1])
+        return pyramid_crops(
+            case.image,
+            case.label,
+            crop_centre(rng, case, self._config.data.centre_sampling),
+            self._config.data.crop_size,
+            self._config.pyramid.levels,
+            self._config.model.num_classes,
+            self._pad_value,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class LocalToGlobalExample:
+    """Maps this process's example index to the global one (its slots of each batch)."""
+
+    global_batch: int
+    local_batch: int
+    first_slot: int
+
+    def __call__(self, local_index: int) -> int:
+        """The global example index of local example `local_index`."""
+        step, slot = divmod(int(local_index), self.local_batch)
+        return step * self.global_batch + self.first_slot + slot
+
+
+def train_batches(
+    sampler: PyramidExampleSampler,
+    config: ml_collections.ConfigDict,
+    start_step: int,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> Iterator[dict[str, np.ndarray]]:
+    """This process's share of the global batches of steps start_step .. train.steps - 1."""
+    local_batch = config.train.batch_size // process_count
+    to_global = LocalToGlobalExample(
+        config.train.batch_size, local_batch, process_index * local_batch
+    )
+    dataset = (
+        grain.MapDataset.range(start_step * local_batch, config.train.steps * local_batch)
+        .map(to_global)
+        .map(sampler)
+        .batch(local_batch, drop_remainder=True)
+    )
+    iter_dataset = dataset.to_iter_dataset(
+        grain.ReadOptions(num_threads=config.data.num_threads, prefetch_buffer_size=2)
+    )
+    if config.data.worker_count > 0:
+        # Grain reads absl flags when it starts workers; outside an absl app (tests,
+        # notebooks) nobody parsed them, so take their defaults.
+        if not flags.FLAGS.is_parsed():
+            flags.FLAGS.mark_as_parsed()
+        iter_dataset = iter_dataset.mp_prefetch(
+            grain.MultiprocessingOptions(num_workers=config.data.worker_count)
+        )
+    return iter(iter_dataset)
