@@ -1,0 +1,91 @@
+"""Refuse a bad configuration at start, with a message that names the field."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from autocontext_jax.losses import LOSSES
+from autocontext_jax.models import COMPUTE_DTYPES
+from autocontext_jax.models.pyramid import CONTEXT_MODES
+
+MAX_PYRAMID_LEVELS = 4
+SCHEDULES = ("constant", "cosine")
+CENTRE_SAMPLING = ("foreground", "class_balanced")
+
+
+class ConfigError(ValueError):
+    """A configuration field has a value the run cannot use."""
+
+
+def _require(condition: bool, field: str, value: object, why: str) -> None:
+    if not condition:
+        raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
+    """Raise ConfigError naming the first field whose value cannot work."""
+    model, pyramid, data, train = config.model, config.pyramid, config.data, config.train
+    levels = pyramid.levels
+    _require(
+        isinstance(levels, int) and 1 <= levels <= MAX_PYRAMID_LEVELS,
+        "pyramid.levels",
+        levels,
+        f"must be an integer from 1 to {MAX_PYRAMID_LEVELS}",
+    )
+    _require(pyramid.mode in CONTEXT_MODES, "pyramid.mode", pyramid.mode, f"one of {CONTEXT_MODES}")
+    _require(model.width >= 1, "model.width", model.width, "must be positive")
+    _require(model.num_poolings >= 1, "model.num_poolings", model.num_poolings, "must be >= 1")
+    _require(model.in_channels >= 1, "model.in_channels", model.in_channels, "must be >= 1")
+    _require(model.num_classes >= 2, "model.num_classes", model.num_classes, "must be >= 2")
+    _require(
+        model.compute_dtype in COMPUTE_DTYPES,
+        "model.compute_dtype",
+        model.compute_dtype,
+        f"one of {tuple(COMPUTE_DTYPES)}",
+    )
+    multiple = 2**model.num_poolings
+    _require(
+        isinstance(data.crop_size, int) and data.crop_size > 0 and data.crop_size % multiple == 0,
+        "data.crop_size",
+        data.crop_size,
+        f"must be a positive multiple of 2^model.num_poolings = {multiple}",
+    )
+    _require(config.loss.name in LOSSES, "loss.name", config.loss.name, f"one of {tuple(LOSSES)}")
+    _require(train.steps >= 1, "train.steps", train.steps, "must be >= 1")
+    _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
+    _require(
+        train.batch_size % device_count == 0,
+        "train.batch_size",
+        train.batch_size,
+        f"must be divisible by the number of devices ({device_count})",
+    )
+    _require(train.learning_rate > 0, "train.learning_rate", train.learning_rate, "must be > 0")
+    _require(train.schedule in SCHEDULES, "train.schedule", train.schedule, f"one of {SCHEDULES}")
+    _require(
+        0 <= train.warmup_steps < train.steps or train.schedule == "constant",
+        "train.warmup_steps",
+        train.warmup_steps,
+        "must be smaller than train.steps",
+    )
+    _require(
+        train.checkpoint_every >= 1,
+        "train.checkpoint_every",
+        train.checkpoint_every,
+        "must be >= 1",
+    )
+    _require(
+        train.keep_checkpoints >= 1,
+        "train.keep_checkpoints",
+        train.keep_checkpoints,
+        "must be >= 1",
+    )
+    _require(train.log_every >= 1, "train.log_every", train.log_every, "must be >= 1")
+    _require(data.num_val_cases >= 0, "data.num_val_cases", data.num_val_cases, "must be >= 0")
+    _require(
+        data.centre_sampling in CENTRE_SAMPLING,
+        "data.centre_sampling",
+        data.centre_sampling,
+        f"one of {CENTRE_SAMPLING}",
+    )
+    _require(data.worker_count >= 0, "data.worker_count", data.worker_count, "must be >= 0")
+    _require(data.intensity_std > 0, "data.intensity_std", data.intensity_std, "must be > 0")

@@ -1,0 +1,60 @@
+"""Train and evaluate an auto-context pyramid: `python -m autocontext_jax.main --config F`."""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import ml_collections
+from absl import app, flags
+from ml_collections import config_flags
+
+from autocontext_jax import train
+from autocontext_jax.config_checks import ConfigError, validate_config
+from autocontext_jax.models import build_pyramid
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Build the model, print the config and parameter counts, and exit."
+)
+
+
+def describe_model(config: ml_collections.ConfigDict) -> str:
+    """The resolved config and the parameter count of every pyramid level."""
+    model = build_pyramid(config)
+    variables = jax.eval_shape(lambda: train.init_variables(model, config.seed))
+    lines = [str(config), "Parameters per pyramid level:"]
+    for level in range(1, config.pyramid.levels + 1):
+        count = train.count_parameters(variables["params"][f"level_{level}"])
+        factor = 2 ** (config.pyramid.levels - level + 1)
+        lines.append(
+            f"  level {level}: downsample x{factor}, {model.level_in_channels(level)} input "
+            f"channels, {count:,} parameters ({count / 1e6:.2f} M)"
+        )
+    total = train.count_parameters(variables["params"])
+    lines.append(f"  total: {total:,} parameters ({total / 1e6:.2f} M)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str]) -> None:
+    """Validate the config, then dry-run or train and evaluate."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    config = _CONFIG.value
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/default.py")
+    try:
+        validate_config(config, jax.device_count())
+    except ConfigError as error:
+        sys.exit(f"Bad configuration: {error}")
+    if _DRY_RUN.value:
+        print(describe_model(config))
+        return
+    if _WORKDIR.value is None:
+        raise app.UsageError("--workdir is required to train, e.g. --workdir runs/default")
+    train.train_and_evaluate(config, _WORKDIR.value)
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,326 @@
+"""Training the pyramid: state, the jitted data-parallel train step, and the loop."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import json
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from autocontext_jax import checkpointing, evaluate, parallel
+from autocontext_jax.config_checks import validate_config
+from autocontext_jax.data import dataset as dataset_lib
+from autocontext_jax.data import phantom
+from autocontext_jax.data.pipeline import PyramidExampleSampler, prepare_case, train_batches
+from autocontext_jax.losses import segmentation_loss
+from autocontext_jax.models import build_pyramid
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything a step reads and writes; a pytree, so it can be donated and saved."""
+
+    step: jax.Array
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+
+
+def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
+    """The learning-rate schedule named by `train.schedule`."""
+    if train_config.schedule == "constant":
+        return optax.constant_schedule(train_config.learning_rate)
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0,
+        peak_value=train_config.learning_rate,
+        warmup_steps=train_config.warmup_steps,
+        decay_steps=train_config.steps,
+        end_value=train_config.learning_rate * train_config.final_lr_fraction,
+    )
+
+
+def make_optimizer(train_config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """Adam with the configured schedule."""
+    return optax.adam(make_schedule(train_config))
+
+
+def init_variables(model: nn.Module, seed: int) -> dict[str, Any]:
+    """Initial parameters and BatchNorm statistics of the pyramid.
+
+    Parameters do not depend on the spatial size, so the smallest valid crop is used;
+    the 'rbg' generator compiles several times faster than threefry for this many
+    initialisers, and initialisation happens once.
+    """
+    edge = 2**model.num_poolings
+    images = [jnp.zeros((1, edge, edge, edge, model.in_channels))] * model.num_levels
+    init = jax.jit(model.init, static_argnames="train")
+    return init(jax.random.key(seed, impl="rbg"), images, train=False)
+
+
+def create_train_state(
+    model: nn.Module, optimizer: optax.GradientTransformation, seed: int
+) -> TrainState:
+    """A fresh train state at step 0."""
+    variables = init_variables(model, seed)
+    params = variables["params"]
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        params=params,
+        batch_stats=variables["batch_stats"],
+        opt_state=optimizer.init(params),
+    )
+
+
+def count_parameters(tree: Any) -> int:
+    """Total number of scalars in a pytree of arrays or shape structs."""
+    return int(sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(tree)))
+
+
+def augment_intensity(
+    rng: jax.Array, image: jax.Array, augment: ml_collections.ConfigDict
+) -> jax.Array:
+    """Random per-example intensity scale, shift and noise of (B, S, D, H, W, C) images.
+
+    Scale and shift are shared by the levels of an example (one anatomy, one scanner);
+    each is applied with probability `augment.probability`.
+    """
+    batch = image.shape[0]
+    keys = jax.random.split(rng, 6)
+    example_shape = (batch,) + (1,) * (image.ndim - 1)
+
+    def draw(key_apply: jax.Array, key_value: jax.Array, low: float, high: float, neutral):
+        apply = jax.random.bernoulli(key_apply, augment.probability, example_shape)
+        value = jax.random.uniform(key_value, example_shape, minval=low, maxval=high)
+        return jnp.where(apply, value, neutral)
+
+    scale = draw(keys[0], keys[1], 1 - augment.intensity_scale, 1 + augment.intensity_scale, 1.0)
+    shift = draw(keys[2], keys[3], -augment.intensity_shift, augment.intensity_shift, 0.0)
+    noise_std = draw(keys[4], keys[5], 0.0, augment.noise_std, 0.0)
+    noise = jax.random.normal(jax.random.fold_in(rng, 1), image.shape, image.dtype)
+    return image * scale + shift + noise * noise_std
+
+
+def make_train_step(
+    model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """The pure train step (state, batch, rng) -> (state, metrics) for `model`.
+
+    `batch["image"]` is (B, S, c, c, c, C) and `batch["label"]` (B, S, c, c, c, K), level 1
+    (coarsest) first. The total loss is the sum of the level losses; whether level s-1
+    learns from level s's loss is decided by the pyramid's mode.
+    """
+    schedule = make_schedule(config.train)
+    num_levels = config.pyramid.levels
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(rng, state.step)
+        image = augment_intensity(rng, batch["image"], config.augment)
+        images = [image[:, s] for s in range(num_levels)]
+        targets = [batch["label"][:, s] for s in range(num_levels)]
+
+        def loss_fn(params):
+            logits, updates = model.apply(
+                {"params": params, "batch_stats": state.batch_stats},
+                images,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            level_losses = jnp.stack(
+                [
+                    segmentation_loss(config.loss.name, level_logits, level_targets)
+                    for level_logits, level_targets in zip(logits, targets, strict=True)
+                ]
+            )
+            return jnp.sum(level_losses), (level_losses, updates["batch_stats"])
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, (level_losses, batch_stats)), grads = grad_fn(state.params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=optax.apply_updates(state.params, updates),
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+        )
+        metrics = {
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": schedule(state.step),
+        }
+        for s in range(num_levels):
+            metrics[f"loss_level_{s + 1}"] = level_losses[s]
+        return new_state, metrics
+
+    return train_step
+
+
+def jit_train_step(
+    train_step: Callable, mesh: jax.sharding.Mesh
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """Compile the step over `mesh`: batch split on its leading axis, the rest replicated.
+
+    The state is donated so parameters and optimiser moments are updated in place.
+    """
+    replicated = parallel.replicated(mesh)
+    return jax.jit(
+        train_step,
+        in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
+        out_shardings=(replicated, replicated),
+        donate_argnums=(0,),
+    )
+
+
+def prefetch_to_device(
+    batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.NamedSharding, size: int = 2
+) -> Iterator[Batch]:
+    """Keep `size` batches on their way to the devices while the current step runs."""
+    queue: collections.deque[Batch] = collections.deque()
+
+    def enqueue(count: int) -> None:
+        for batch in itertools.islice(batches, count):
+            queue.append(parallel.put_batch(batch, sharding))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
+
+
+def ensure_dataset(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The dataset folder; generates the phantom there when it is missing or empty."""
+    data_dir = pathlib.Path(data_config.dir)
+    empty = not data_dir.exists() or not any(data_dir.iterdir())
+    if empty and data_config.phantom_cases > 0:
+        _say(f"Generating {data_config.phantom_cases} phantom cases in {data_dir}")
+        phantom.write_phantom_dataset(data_dir, data_config.phantom_cases, seed=0, workers=2)
+    return data_dir
+
+
+def load_prepared(files: list[dataset_lib.CaseFiles], config: ml_collections.ConfigDict):
+    """Read and prepare every case once, so bad files are reported before training."""
+    return {
+        f.case_id: prepare_case(
+            dataset_lib.load_case(f, config.model.num_classes), config.data, str(f.label)
+        )
+        for f in tqdm.tqdm(files, desc="reading cases", leave=False, disable=len(files) < 8)
+    }
+
+
+def _say(message: str) -> None:
+    """Tell the user (process 0 only); absl logging is left to library chatter."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def _log_metrics(path: pathlib.Path, step: int, metrics: dict[str, float]) -> None:
+    with path.open("a") as stream:
+        stream.write(json.dumps({"step": step, **metrics}) + "\n")
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train the pyramid in `workdir` (resuming if it holds a checkpoint), then evaluate."""
+    validate_config(config, jax.device_count())
+    workdir_path = pathlib.Path(workdir)
+    workdir_path.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        checkpointing.write_config(workdir_path, config)
+
+    data_dir = ensure_dataset(config.data)
+    all_files = dataset_lib.list_cases(data_dir)
+    train_files, val_files = dataset_lib.split_cases(
+        all_files, config.data.num_val_cases, config.seed
+    )
+    (workdir_path / "split.json").write_text(
+        json.dumps(
+            {"train": [f.case_id for f in train_files], "val": [f.case_id for f in val_files]},
+            indent=2,
+        )
+    )
+    prepared = load_prepared(train_files, config)
+    sampler = PyramidExampleSampler(
+        train_files, config, preloaded=prepared if config.data.worker_count == 0 else None
+    )
+
+    model = build_pyramid(config)
+    optimizer = make_optimizer(config.train)
+    mesh = parallel.make_mesh()
+    state = jax.device_put(
+        create_train_state(model, optimizer, config.seed), parallel.replicated(mesh)
+    )
+    manager = checkpointing.make_manager(workdir_path, config)
+    state, restored_step = checkpointing.restore_latest(manager, state)
+    start_step = int(state.step)
+    if restored_step is not None:
+        _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
+
+    train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    rng = jax.device_put(jax.random.key(config.seed + 1), parallel.replicated(mesh))
+    batches = prefetch_to_device(
+        train_batches(sampler, config, start_step, jax.process_index(), jax.process_count()),
+        parallel.batch_sharded(mesh),
+    )
+    metrics_path = workdir_path / "metrics.jsonl"
+    progress = tqdm.tqdm(
+        total=config.train.steps,
+        initial=start_step,
+        desc="train",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    last_log_time, last_log_step = time.perf_counter(), start_step
+    metrics = None
+    for step in range(start_step + 1, config.train.steps + 1):
+        state, metrics = train_step(state, next(batches), rng)
+        if step % config.train.checkpoint_every == 0:
+            manager.save(step, args=checkpointing.ocp.args.StandardSave(state))
+        progress.update(1)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            # The only host synchronisation of the loop.
+            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
+            now = time.perf_counter()
+            values["steps_per_second"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
+            last_log_time, last_log_step = now, step
+            progress.set_postfix(
+                {
+                    **{
+                        f"L{k.rsplit('_', 1)[1]}": f"{v:.3f}"
+                        for k, v in values.items()
+                        if k.startswith("loss_level_")
+                    },
+                    "steps/s": f"{values['steps_per_second']:.2f}",
+                }
+            )
+            if jax.process_index() == 0:
+                _log_metrics(metrics_path, step, values)
+    progress.close()
+    if manager.latest_step() != int(state.step):
+        manager.save(int(state.step), args=checkpointing.ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+
+    result: dict[str, Any] = {"step": int(state.step)}
+    if config.eval.at_end and val_files:
+        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        scores = evaluate.evaluate_cases(model, variables, val_files, config)
+        result["dice"] = scores
+        if jax.process_index() == 0:
+            evaluate.write_report(workdir_path, scores, val_files)
+            print(evaluate.dice_table(scores))
+    return result

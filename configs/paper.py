@@ -1,0 +1,43 @@
+"""The setting of Roth et al. (2018): S=2, 64^3 crops, width 32 (19.07 M parameters a level).
+
+    python -m autocontext_jax.main --config configs/paper.py --workdir runs/paper
+
+Batch 3 from different volumes, Adam, 20,000 steps. Sized for an accelerator; on a CPU
+use it with --dry_run or a few steps. Point `--config.data.dir` at your own dataset.
+"""
+
+import importlib.util
+import pathlib
+
+import ml_collections
+
+
+def _default_config() -> ml_collections.ConfigDict:
+    # Loaded by path so the file works from any working directory.
+    spec = importlib.util.spec_from_file_location(
+        "autocontext_default_config", pathlib.Path(__file__).with_name("default.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Return the paper's configuration."""
+    config = _default_config()
+    config.data.dir = "data/phantom"
+    config.data.crop_size = 64
+    config.model.width = 32
+    config.pyramid.levels = 2
+    config.pyramid.mode = "end_to_end"
+    config.loss.name = "dice"
+    config.data.centre_sampling = "foreground"
+    config.train.steps = 20_000
+    config.train.batch_size = 3
+    config.train.learning_rate = 1e-4
+    config.train.schedule = "constant"
+    config.train.warmup_steps = 0
+    config.train.checkpoint_every = 1000
+    config.train.log_every = 50
+    config.data.worker_count = 4
+    return config

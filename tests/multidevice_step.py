@@ -1,0 +1,47 @@
+"""Run two train steps of a tiny pyramid on a fixed global batch and save the result.
+
+Used by test_train.py in a subprocess, so that XLA_FLAGS can fake several CPU devices.
+    python tests/multidevice_step.py OUT.npz
+"""
+
+import sys
+
+import jax
+import numpy as np
+from conftest import make_tiny_config
+
+from autocontext_jax import parallel, train
+from autocontext_jax.models import build_pyramid
+
+
+def main(out: str) -> None:
+    """Two steps over all visible devices; save loss, level losses and parameters."""
+    config = make_tiny_config()
+    config.train.batch_size = 8
+    rng = np.random.default_rng(0)
+    shape = (8, 2, 8, 8, 8)
+    batch = {
+        "image": rng.normal(size=(*shape, 1)).astype(np.float32),
+        "label": np.eye(8, dtype=np.float32)[rng.integers(0, 8, size=shape)],
+    }
+    model = build_pyramid(config)
+    optimizer = train.make_optimizer(config.train)
+    mesh = parallel.make_mesh()
+    state = jax.device_put(train.create_train_state(model, optimizer, 0), parallel.replicated(mesh))
+    step = train.jit_train_step(train.make_train_step(model, optimizer, config), mesh)
+    key = jax.random.key(7)
+    losses = []
+    for _ in range(2):
+        state, metrics = step(state, parallel.put_batch(batch, parallel.batch_sharded(mesh)), key)
+        losses.append([float(metrics["loss"]), float(metrics["loss_level_2"])])
+    flat = {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(
+            {"params": state.params, "batch_stats": state.batch_stats}
+        )
+    }
+    np.savez(out, devices=jax.device_count(), losses=np.asarray(losses), **flat)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

@@ -1,0 +1,239 @@
+"""The train step, data parallelism, checkpoints and the command line."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from autocontext_jax import parallel, train
+from autocontext_jax.config_checks import ConfigError, validate_config
+from autocontext_jax.models import build_pyramid
+
+TESTS = pathlib.Path(__file__).parent
+
+
+def _run_step_script(tmp_path, devices: int) -> dict:
+    out = tmp_path / f"devices_{devices}.npz"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    subprocess.run(
+        [sys.executable, str(TESTS / "multidevice_step.py"), str(out)], env=env, check=True
+    )
+    return dict(np.load(out))
+
+
+def test_one_and_eight_devices_agree_on_the_same_global_batch(tmp_path):
+    one, eight = _run_step_script(tmp_path, 1), _run_step_script(tmp_path, 8)
+    assert int(one.pop("devices")) == 1 and int(eight.pop("devices")) == 8
+    np.testing.assert_allclose(one["losses"], eight["losses"], rtol=1e-5, atol=1e-5)
+    assert one.keys() == eight.keys()
+    for key in one:
+        np.testing.assert_allclose(one[key], eight[key], rtol=1e-5, atol=1e-5, err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def compiled_step():
+    from conftest import make_tiny_config
+
+    config = make_tiny_config()
+    model = build_pyramid(config)
+    optimizer = train.make_optimizer(config.train)
+    mesh = parallel.make_mesh()
+    step = train.jit_train_step(train.make_train_step(model, optimizer, config), mesh)
+    return config, model, optimizer, mesh, step
+
+
+def _fixed_batch(config, seed=0):
+    rng = np.random.default_rng(seed)
+    c, s = config.data.crop_size, config.pyramid.levels
+    labels = rng.integers(0, 3, size=(config.train.batch_size, s, c, c, c))
+    image = labels[..., None].astype(np.float32) + rng.normal(size=(*labels.shape, 1)) * 0.1
+    return {"image": image.astype(np.float32), "label": np.eye(8, dtype=np.float32)[labels]}
+
+
+def test_the_step_learns_a_fixed_batch(compiled_step):
+    config, model, optimizer, mesh, step = compiled_step
+    state = jax.device_put(train.create_train_state(model, optimizer, 0), parallel.replicated(mesh))
+    batch = parallel.put_batch(_fixed_batch(config), parallel.batch_sharded(mesh))
+    losses = []
+    for _ in range(8):
+        state, metrics = step(state, batch, jax.random.key(0))
+        losses.append(float(metrics["loss"]))
+        assert float(metrics["loss"]) == pytest.approx(
+            float(metrics["loss_level_1"]) + float(metrics["loss_level_2"]), rel=1e-6
+        )
+    assert int(state.step) == 8
+    assert losses[-1] < losses[0] - 0.05
+
+
+def test_the_step_donates_the_state(compiled_step):
+    config, model, optimizer, mesh, step = compiled_step
+    state = jax.device_put(train.create_train_state(model, optimizer, 0), parallel.replicated(mesh))
+    batch = parallel.put_batch(_fixed_batch(config), parallel.batch_sharded(mesh))
+    old_leaf = jax.tree.leaves(state.params)[0]
+    step(state, batch, jax.random.key(0))
+    assert old_leaf.is_deleted()
+
+
+def test_intensity_augmentation_is_off_at_probability_zero_and_random_otherwise(tiny_config):
+    image = jax.numpy.ones((4, 2, 8, 8, 8, 1))
+    tiny_config.augment.probability = 0.0
+    same = train.augment_intensity(jax.random.key(0), image, tiny_config.augment)
+    np.testing.assert_array_equal(same, image)
+    tiny_config.augment.probability = 1.0
+    changed = np.asarray(train.augment_intensity(jax.random.key(0), image, tiny_config.augment))
+    assert not np.allclose(changed, 1.0)
+    # Scale and shift are per example and shared by its levels: the means differ by noise only.
+    means = changed.mean(axis=(2, 3, 4, 5))
+    np.testing.assert_allclose(means[:, 0], means[:, 1], atol=0.02)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "devices"),
+    [
+        ("data.crop_size", 12, 1),
+        ("pyramid.levels", 0, 1),
+        ("pyramid.levels", 5, 1),
+        ("pyramid.mode", "sideways", 1),
+        ("train.batch_size", 3, 2),
+        ("loss.name", "focal", 1),
+        ("model.compute_dtype", "float16", 1),
+    ],
+)
+def test_bad_configs_are_refused_naming_the_field(tiny_config, field, value, devices):
+    section, name = field.split(".")
+    tiny_config.data.crop_size = 16
+    tiny_config.model.num_poolings = 3
+    setattr(tiny_config[section], name, value)
+    with pytest.raises(ConfigError, match=rf"config\.{field}="):
+        validate_config(tiny_config, devices)
+
+
+def test_the_default_and_paper_configs_are_valid():
+    from conftest import load_config
+
+    validate_config(load_config("default"), 1)
+    validate_config(load_config("paper"), 1)
+
+
+def test_command_line_refuses_a_bad_config_before_doing_anything(tmp_path):
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autocontext_jax.main",
+            "--config",
+            str(TESTS.parent / "configs" / "default.py"),
+            "--workdir",
+            str(tmp_path / "run"),
+            "--config.pyramid.mode=sideways",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode != 0
+    assert "config.pyramid.mode='sideways'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_paper_dry_run_prints_the_parameter_counts():
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "autocontext_jax.main",
+            "--config",
+            str(TESTS.parent / "configs" / "paper.py"),
+            "--dry_run",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "level 1: downsample x4, 1 input channels, 19,071,784 parameters (19.07 M)" in (
+        result.stdout
+    )
+    # Level 2 adds K=8 context channels to its first convolution: 8 * 27 * 32 weights.
+    assert f"level 2: downsample x2, 9 input channels, {19_071_784 + 8 * 27 * 32:,}" in (
+        result.stdout
+    )
+
+
+def _params(workdir):
+    from autocontext_jax import checkpointing
+
+    config_path = pathlib.Path(workdir) / "config.json"
+    saved = json.loads(config_path.read_text())
+    manager = checkpointing.make_manager(workdir, _config_from(saved))
+    step = manager.latest_step()
+    restored = manager.restore(step)
+    manager.close()
+    return step, restored
+
+
+def _config_from(saved):
+    import ml_collections
+
+    return ml_collections.ConfigDict(saved)
+
+
+def test_resume_continues_exactly_where_the_run_stopped(tiny_phantom, tmp_path):
+    from conftest import make_tiny_config
+
+    config = make_tiny_config(tiny_phantom)
+    config.eval.at_end = False
+    config.train.steps = 4
+    train.train_and_evaluate(config, str(tmp_path / "straight"))
+
+    config.train.steps = 2
+    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert _params(tmp_path / "resumed")[0] == 2
+    config.train.steps = 4
+    result = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    assert result["step"] == 4
+
+    step_a, straight = _params(tmp_path / "straight")
+    step_b, resumed = _params(tmp_path / "resumed")
+    assert step_a == step_b == 4
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-7)
+    checkpoints = sorted(p.name for p in (tmp_path / "resumed" / "checkpoints").iterdir())
+    assert checkpoints == ["2", "4"]
+    lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2, 4]
+
+
+def test_resume_refuses_a_changed_model(tiny_phantom, tmp_path):
+    from conftest import make_tiny_config
+
+    config = make_tiny_config(tiny_phantom)
+    config.eval.at_end = False
+    config.train.steps = 2
+    train.train_and_evaluate(config, str(tmp_path))
+    config.model.width = 4
+    with pytest.raises(ValueError, match=r"config\.model\.width: 2 -> 4"):
+        train.train_and_evaluate(config, str(tmp_path))
+
+
+def test_a_run_keeps_the_last_checkpoints_and_reports_dice(tiny_phantom, tmp_path):
+    from conftest import make_tiny_config
+
+    config = make_tiny_config(tiny_phantom)
+    config.train.steps = 6
+    config.train.checkpoint_every = 1
+    config.train.keep_checkpoints = 2
+    result = train.train_and_evaluate(config, str(tmp_path))
+    checkpoints = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert checkpoints == [5, 6]
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["model"]["width"] == 2 and saved["data"]["dir"] == str(tiny_phantom)
+    dice = result["dice"]["dice"]
+    assert set(dice) == {"level_1", "level_2"}
+    assert np.asarray(dice["level_2"]).shape == (1, 7)
+    table = (tmp_path / "eval_dice.md").read_text()
+    assert "| Dice (%) | artery | portal_vein | liver |" in table
