@@ -6,7 +6,7 @@ import sys
 
 import jax
 import ml_collections
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from autocontext_jax import train
@@ -51,6 +51,9 @@ def main(argv: list[str]) -> None:
     if _DRY_RUN.value:
         print(describe_model(config))
         return
+    if not flags.FLAGS["verbosity"].present:
+        # Orbax logs every save at INFO; the progress bar says what the user needs.
+        logging.set_verbosity(logging.WARNING)
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required to train, e.g. --workdir runs/default")
     train.train_and_evaluate(config, _WORKDIR.value)

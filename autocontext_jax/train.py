@@ -233,6 +233,75 @@ def _log_metrics(path: pathlib.Path, step: int, metrics: dict[str, float]) -> No
         stream.write(json.dumps({"step": step, **metrics}) + "\n")
 
 
+def prepare_data(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path
+) -> tuple[PyramidExampleSampler, list[dataset_lib.CaseFiles]]:
+    """The training sampler and the held-out cases; the split is written to the workdir."""
+    files = dataset_lib.list_cases(ensure_dataset(config.data))
+    train_files, val_files = dataset_lib.split_cases(files, config.data.num_val_cases, config.seed)
+    if jax.process_index() == 0:
+        split = {"train": [f.case_id for f in train_files], "val": [f.case_id for f in val_files]}
+        (workdir / "split.json").write_text(json.dumps(split, indent=2) + "\n")
+    prepared = load_prepared(train_files, config)
+    # Worker processes read their own copies; only an in-process pipeline shares these.
+    sampler = PyramidExampleSampler(
+        train_files, config, preloaded=prepared if config.data.worker_count == 0 else None
+    )
+    return sampler, val_files
+
+
+def _progress_postfix(values: dict[str, float]) -> dict[str, str]:
+    postfix = {
+        f"L{name.rsplit('_', 1)[1]}": f"{value:.3f}"
+        for name, value in values.items()
+        if name.startswith("loss_level_")
+    }
+    postfix["steps/s"] = f"{values['steps_per_second']:.2f}"
+    return postfix
+
+
+def train_loop(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    state: TrainState,
+    train_step: Callable,
+    batches: Iterator[Batch],
+    manager: checkpointing.ocp.CheckpointManager,
+    rng: jax.Array,
+) -> TrainState:
+    """Run the steps from state.step to train.steps, logging and checkpointing as configured."""
+    start_step = int(state.step)
+    progress = tqdm.tqdm(
+        total=config.train.steps,
+        initial=start_step,
+        desc="train",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    last_time, last_step = time.perf_counter(), start_step
+    for step in range(start_step + 1, config.train.steps + 1):
+        state, metrics = train_step(state, next(batches), rng)
+        if step % config.train.checkpoint_every == 0:
+            manager.save(step, args=checkpointing.ocp.args.StandardSave(state))
+        progress.update(1)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            # The only host synchronisation of the loop.
+            values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
+            now = time.perf_counter()
+            values["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            progress.set_postfix(_progress_postfix(values))
+            if jax.process_index() == 0:
+                _log_metrics(workdir / "metrics.jsonl", step, values)
+    progress.close()
+    if manager.latest_step() != int(state.step):
+        manager.save(int(state.step), args=checkpointing.ocp.args.StandardSave(state), force=True)
+    manager.wait_until_finished()
+    return state
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train the pyramid in `workdir` (resuming if it holds a checkpoint), then evaluate."""
     validate_config(config, jax.device_count())
@@ -240,22 +309,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     workdir_path.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:
         checkpointing.write_config(workdir_path, config)
-
-    data_dir = ensure_dataset(config.data)
-    all_files = dataset_lib.list_cases(data_dir)
-    train_files, val_files = dataset_lib.split_cases(
-        all_files, config.data.num_val_cases, config.seed
-    )
-    (workdir_path / "split.json").write_text(
-        json.dumps(
-            {"train": [f.case_id for f in train_files], "val": [f.case_id for f in val_files]},
-            indent=2,
-        )
-    )
-    prepared = load_prepared(train_files, config)
-    sampler = PyramidExampleSampler(
-        train_files, config, preloaded=prepared if config.data.worker_count == 0 else None
-    )
+    sampler, val_files = prepare_data(config, workdir_path)
 
     model = build_pyramid(config)
     optimizer = make_optimizer(config.train)
@@ -265,55 +319,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     manager = checkpointing.make_manager(workdir_path, config)
     state, restored_step = checkpointing.restore_latest(manager, state)
-    start_step = int(state.step)
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
-
-    train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
-    rng = jax.device_put(jax.random.key(config.seed + 1), parallel.replicated(mesh))
     batches = prefetch_to_device(
-        train_batches(sampler, config, start_step, jax.process_index(), jax.process_count()),
+        train_batches(
+            sampler, config, restored_step or 0, jax.process_index(), jax.process_count()
+        ),
         parallel.batch_sharded(mesh),
     )
-    metrics_path = workdir_path / "metrics.jsonl"
-    progress = tqdm.tqdm(
-        total=config.train.steps,
-        initial=start_step,
-        desc="train",
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
-    )
-    last_log_time, last_log_step = time.perf_counter(), start_step
-    metrics = None
-    for step in range(start_step + 1, config.train.steps + 1):
-        state, metrics = train_step(state, next(batches), rng)
-        if step % config.train.checkpoint_every == 0:
-            manager.save(step, args=checkpointing.ocp.args.StandardSave(state))
-        progress.update(1)
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            # The only host synchronisation of the loop.
-            values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
-            now = time.perf_counter()
-            values["steps_per_second"] = (step - last_log_step) / max(now - last_log_time, 1e-9)
-            last_log_time, last_log_step = now, step
-            progress.set_postfix(
-                {
-                    **{
-                        f"L{k.rsplit('_', 1)[1]}": f"{v:.3f}"
-                        for k, v in values.items()
-                        if k.startswith("loss_level_")
-                    },
-                    "steps/s": f"{values['steps_per_second']:.2f}",
-                }
-            )
-            if jax.process_index() == 0:
-                _log_metrics(metrics_path, step, values)
-    progress.close()
-    if manager.latest_step() != int(state.step):
-        manager.save(int(state.step), args=checkpointing.ocp.args.StandardSave(state), force=True)
-    manager.wait_until_finished()
+    train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    rng = jax.device_put(jax.random.key(config.seed + 1), parallel.replicated(mesh))
+    state = train_loop(config, workdir_path, state, train_step, batches, manager, rng)
 
     result: dict[str, Any] = {"step": int(state.step)}
     if config.eval.at_end and val_files:
