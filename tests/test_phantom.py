@@ -10,6 +10,8 @@ from scipy import ndimage
 
 from autocontext_jax.data import phantom
 from autocontext_jax.data.labels import PAPER_CLASS_NAMES
+from autocontext_jax.data.sampling import class_fractions
+from autocontext_jax.evaluate import dice_per_class
 
 SHAPE = (64, 56, 48)
 SPACING = (3.0, 3.0, 3.0)
@@ -39,19 +41,13 @@ def _load(path: pathlib.Path) -> tuple[nib.Nifti1Image, np.ndarray]:
 
 
 def _oracle(label: np.ndarray, factor: int) -> np.ndarray:
-    """Box-downsample the one-hot labels by `factor`, argmax, nearest-upsample back."""
-    s = label.shape
-    onehot = np.eye(len(PAPER_CLASS_NAMES), dtype=np.float32)[label]
-    coarse = onehot.reshape(
-        s[0] // factor, factor, s[1] // factor, factor, s[2] // factor, factor, -1
-    )
-    winner = coarse.mean(axis=(1, 3, 5)).argmax(-1)
+    """Majority class of each factor^3 block, repeated back to the input grid."""
+    winner = class_fractions(label, factor, len(PAPER_CLASS_NAMES)).argmax(-1)
     return winner.repeat(factor, 0).repeat(factor, 1).repeat(factor, 2)
 
 
 def _dice(a: np.ndarray, b: np.ndarray, c: int) -> float:
-    x, y = a == c, b == c
-    return 2.0 * float((x & y).sum()) / float(x.sum() + y.sum())
+    return float(dice_per_class(a, b, len(PAPER_CLASS_NAMES))[c - 1])
 
 
 def test_layout_and_dataset_json(dataset):
