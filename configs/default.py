@@ -20,7 +20,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.phantom_cases = 30
     config.data.num_val_cases = 6
     # Crop centres: a uniform foreground voxel (`foreground`, the paper), or a voxel of a
-    # class drawn uniformly among those present (`class_balanced`: small structures too).
+    # class drawn uniformly among background and the classes present (`class_balanced`:
+    # small structures as often as the liver, and some crops anywhere in the scan).
     config.data.centre_sampling = "class_balanced"
     # Edge of the cubic crop, in voxels, that every pyramid level sees.
     config.data.crop_size = 24
@@ -58,9 +59,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.noise_std = 0.05  # add N(0, U(0, s)^2) noise
 
     config.train = ml_collections.ConfigDict()
-    config.train.steps = 500
+    config.train.steps = 600
     config.train.batch_size = 2
-    config.train.learning_rate = 3e-3
+    config.train.learning_rate = 6e-3
     # constant | cosine (linear warm-up, then cosine decay to final_lr_fraction).
     config.train.schedule = "cosine"
     config.train.warmup_steps = 20

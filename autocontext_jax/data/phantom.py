@@ -76,8 +76,8 @@ _TISSUES: tuple[_Tissue, ...] = (
     _Tissue("stomach_air", "stomach", (-950.0, -880.0)),
     _Tissue("pancreas", "pancreas", (70.0, 100.0)),
     _Tissue("gallbladder", "gallbladder", (0.0, 25.0)),
-    _Tissue("portal_vein", "portal_vein", (150.0, 210.0)),
-    _Tissue("artery", "artery", (180.0, 260.0)),
+    _Tissue("portal_vein", "portal_vein", (150.0, 220.0)),
+    _Tissue("artery", "artery", (220.0, 300.0)),
 )
 _T = MappingProxyType({t.name: i for i, t in enumerate(_TISSUES)})  # tissue name -> id
 _BONE = (_T["cortical_bone"], _T["cancellous_bone"], _T["disc"], _T["csf"])
@@ -709,14 +709,14 @@ def _paint_portal(
     c, a, lc, la = liver.centre, liver.semi, liver.left_centre, liver.left_semi
     right = c + a * [-0.3, -0.08, 0.12] + rng.normal(0.0, 2.0, 3)
     left = porta + (lc - porta) * 0.45 + rng.normal(0.0, 2.0, 3)
-    r_lr = rng.uniform(3.0, 4.0)
-    r_seg = rng.uniform(2.0, 2.5)
+    r_lr = rng.uniform(3.5, 4.5)
+    r_seg = rng.uniform(2.5, 3.0)
     p.vessel([porta, right], [r_lr, r_lr], "portal_vein")
     p.vessel([porta, left], [r_lr, r_lr], "portal_vein")
     for tip in (a * [-0.6, 0.35, 0.3], a * [-0.55, -0.5, 0.25], a * [-0.5, 0.05, -0.45]):
-        p.vessel([right, c + tip], [r_seg, 1.5], "portal_vein", wiggle_mm=3.0)
+        p.vessel([right, c + tip], [r_seg, 2.0], "portal_vein", wiggle_mm=3.0)
     for tip in (la * [0.55, 0.1, 0.2], la * [0.05, 0.55, -0.1], la * [-0.3, 0.3, 0.45]):
-        p.vessel([left, lc + tip], [r_seg, 1.5], "portal_vein", wiggle_mm=3.0)
+        p.vessel([left, lc + tip], [r_seg, 2.0], "portal_vein", wiggle_mm=3.0)
 
 
 def _place_aorta(p: _Painter) -> np.ndarray:
@@ -749,13 +749,13 @@ def _paint_arteries(
     p.vessel([origin, split], [3.5, 3.0], "artery", wiggle_mm=0.0)
     porta = p.marks["porta"]
     hepatic = porta + np.array([5.0, 7.0, 1.0]) * p.k + rng.normal(0.0, 1.5, 3)
-    r_cha = rng.uniform(2.0, 2.5)
+    r_cha = rng.uniform(2.3, 2.8)
     via = 0.5 * (split + hepatic) + np.array([0.0, 4.0, -6.0]) * p.k
     p.vessel([split, via, hepatic], [r_cha] * 3, "artery", wiggle_mm=2.0, every_mm=10.0)
     for d in ([-18.0, -4.0, 10.0], [12.0, 10.0, 10.0]):
-        p.vessel([hepatic, hepatic + np.array(d) * p.k], [1.7, 1.4], "artery", wiggle_mm=2.0)
+        p.vessel([hepatic, hepatic + np.array(d) * p.k], [2.2, 1.8], "artery", wiggle_mm=2.0)
     # Splenic artery: tortuous, along the upper border of the pancreas.
-    r_spl = rng.uniform(2.0, 3.0)
+    r_spl = rng.uniform(2.4, 3.2)
     way = [split] + [
         pancreas.centre[n] + np.array([0.0, -2.0, pancreas.radius[n] + 4.0])
         for n in ("body", "tail")
@@ -775,7 +775,7 @@ def _paint_arteries(
     for z in (-28.0, -48.0):
         start = _at_height(sma, z * p.k[2])
         tip = start + np.array([rng.uniform(25, 40), 10.0, -15.0]) * p.k
-        p.vessel([start, tip], [1.8, 1.4], "artery", wiggle_mm=3.0)
+        p.vessel([start, tip], [2.2, 1.8], "artery", wiggle_mm=3.0)
     # Renal arteries; the right one passes behind the IVC, in front of the right psoas.
     for side, hilum in hila.items():
         start = _at_height(aorta, hilum[2] + rng.uniform(0.0, 8.0))
@@ -809,16 +809,18 @@ def _paint_tissues(p: _Painter) -> None:
 def _render(rng: np.random.Generator, p: _Painter) -> np.ndarray:
     """CT image of the painted tissues: HU per tissue, smooth inhomogeneity, blur, noise, int16."""
     hu = np.array([rng.uniform(*t.hu) for t in _TISSUES], dtype=np.float32)
-    # Arterial phase: the portal vein enhances less than the arteries, by a random margin.
+    # Late arterial phase: the portal vein enhances less than the arteries, by a random margin
+    # wide enough for a small network to tell the two vessel trees apart in minutes.
     artery, portal = _T["artery"], _T["portal_vein"]
-    hu[portal] = np.clip(hu[artery] - rng.uniform(15.0, 70.0), 150.0, 210.0)
+    hu[portal] = np.clip(hu[artery] - rng.uniform(50.0, 90.0), 150.0, 220.0)
     hu[_T["air"] + 1 :] += rng.uniform(-5.0, 5.0)  # per-scan calibration offset, not for air
     image = hu[p.tissue]
     # Slight smooth inhomogeneity within organs (and everywhere else).
     image += rng.uniform(3.0, 6.0) * _smooth_noise(rng, p.full(), 40.0)
     sigma_mm = rng.uniform(0.9, 1.2)  # partial volume / scanner point spread
     image = ndimage.gaussian_filter(image, sigma=sigma_mm / p.spacing, truncate=3.0)
-    image += rng.normal(0.0, rng.uniform(10.0, 25.0), size=image.shape).astype(np.float32)
+    # Quantum noise of a low-noise reconstruction (thin vessels stay visible at 1.5 mm).
+    image += rng.normal(0.0, rng.uniform(6.0, 14.0), size=image.shape).astype(np.float32)
     return np.clip(np.rint(image), -1024, 3071).astype(np.int16)
 
 
