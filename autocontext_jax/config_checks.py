@@ -80,6 +80,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         "must be >= 1",
     )
     _require(train.log_every >= 1, "train.log_every", train.log_every, "must be >= 1")
+    _require(0 <= train.ema_decay < 1, "train.ema_decay", train.ema_decay, "must be in [0, 1)")
     _require(data.num_val_cases >= 0, "data.num_val_cases", data.num_val_cases, "must be >= 0")
     _require(
         data.centre_sampling in CENTRE_SAMPLING,

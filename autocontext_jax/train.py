@@ -40,6 +40,8 @@ class TrainState:
     params: Any
     batch_stats: Any
     opt_state: Any
+    # Exponential moving average of the parameters (train.ema_decay), used to evaluate.
+    ema_params: Any
 
 
 def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
@@ -84,6 +86,8 @@ def create_train_state(
         params=params,
         batch_stats=variables["batch_stats"],
         opt_state=optimizer.init(params),
+        # A copy: the step donates the state, and one buffer cannot be donated twice.
+        ema_params=jax.tree.map(jnp.copy, params),
     )
 
 
@@ -114,6 +118,18 @@ def augment_intensity(
     noise_std = draw(keys[4], keys[5], 0.0, augment.noise_std, 0.0)
     noise = jax.random.normal(jax.random.fold_in(rng, 1), image.shape, image.dtype)
     return image * scale + shift + noise * noise_std
+
+
+def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
+    """One step of the parameter average; early steps use a shorter memory (1+t)/(10+t)."""
+    rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
+
+
+def evaluation_variables(state: TrainState, train_config: ml_collections.ConfigDict) -> dict:
+    """The variables to evaluate: averaged parameters when train.ema_decay > 0."""
+    params = state.ema_params if train_config.ema_decay > 0 else state.params
+    return {"params": params, "batch_stats": state.batch_stats}
 
 
 def make_train_step(
@@ -152,11 +168,13 @@ def make_train_step(
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (level_losses, batch_stats)), grads = grad_fn(state.params)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
         new_state = TrainState(
             step=state.step + 1,
-            params=optax.apply_updates(state.params, updates),
+            params=params,
             batch_stats=batch_stats,
             opt_state=opt_state,
+            ema_params=ema_update(state.ema_params, params, state.step, config.train.ema_decay),
         )
         metrics = {
             "loss": loss,
@@ -333,7 +351,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     result: dict[str, Any] = {"step": int(state.step)}
     if config.eval.at_end and val_files:
-        variables = {"params": state.params, "batch_stats": state.batch_stats}
+        variables = evaluation_variables(state, config.train)
         scores = evaluate.evaluate_cases(model, variables, val_files, config)
         result["dice"] = scores
         if jax.process_index() == 0:

@@ -20,8 +20,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.phantom_cases = 30
     config.data.num_val_cases = 6
     # Crop centres: a uniform foreground voxel (`foreground`, the paper), or a voxel of a
-    # class drawn uniformly among background and the classes present (`class_balanced`:
-    # small structures as often as the liver, and some crops anywhere in the scan).
+    # class drawn uniformly among those present (`class_balanced`: small structures too).
     config.data.centre_sampling = "class_balanced"
     # Edge of the cubic crop, in voxels, that every pyramid level sees.
     config.data.crop_size = 24
@@ -66,6 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.schedule = "cosine"
     config.train.warmup_steps = 20
     config.train.final_lr_fraction = 0.05
+    # Evaluate an exponential moving average of the parameters (0: the last parameters).
+    config.train.ema_decay = 0.99
     config.train.checkpoint_every = 100
     config.train.keep_checkpoints = 3
     config.train.log_every = 10

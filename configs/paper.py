@@ -37,6 +37,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.learning_rate = 1e-4
     config.train.schedule = "constant"
     config.train.warmup_steps = 0
+    config.train.ema_decay = 0.0  # the paper evaluates the trained weights themselves
     config.train.checkpoint_every = 1000
     config.train.log_every = 50
     config.data.worker_count = 4

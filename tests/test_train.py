@@ -80,6 +80,24 @@ def test_the_step_donates_the_state(compiled_step):
     assert old_leaf.is_deleted()
 
 
+def test_parameter_average_follows_the_parameters_with_a_growing_memory():
+    ema, params = {"w": jax.numpy.zeros(3)}, {"w": jax.numpy.ones(3)}
+    first = train.ema_update(ema, params, jax.numpy.asarray(0), 0.99)
+    np.testing.assert_allclose(first["w"], 0.9)  # rate (1+0)/(10+0) = 0.1 at step 0
+    late = train.ema_update(ema, params, jax.numpy.asarray(10_000), 0.99)
+    np.testing.assert_allclose(late["w"], 0.01, rtol=1e-5)  # the configured decay
+
+
+def test_evaluation_uses_the_average_only_when_configured(compiled_step):
+    config, model, optimizer, mesh, step = compiled_step
+    state = train.create_train_state(model, optimizer, 0)
+    state = state.replace(ema_params=jax.tree.map(jax.numpy.zeros_like, state.params))
+    config.train.ema_decay = 0.99
+    assert train.evaluation_variables(state, config.train)["params"] is state.ema_params
+    config.train.ema_decay = 0.0
+    assert train.evaluation_variables(state, config.train)["params"] is state.params
+
+
 def test_intensity_augmentation_is_off_at_probability_zero_and_random_otherwise(tiny_config):
     image = jax.numpy.ones((4, 2, 8, 8, 8, 1))
     tiny_config.augment.probability = 0.0

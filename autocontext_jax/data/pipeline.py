@@ -53,20 +53,16 @@ def prepare_case(case: Case, data_config: ml_collections.ConfigDict, path: str) 
 def crop_centre(
     rng: np.random.Generator, case: PreparedCase, strategy: str
 ) -> tuple[int, int, int]:
-    """The voxel to centre the crops on.
+    """A foreground voxel to centre the crops on.
 
-    `foreground`: uniform over all foreground voxels (the paper). `class_balanced`: a class
-    uniformly among background and the foreground classes present, then one of its voxels,
-    so that small structures (vessels, gallbladder, pancreas) are seen as often as the
-    liver, and some crops show the rest of the scan; a background draw takes a uniform
-    voxel of the whole volume, which is mostly background.
+    `foreground`: uniform over all foreground voxels (the paper). `class_balanced`: first a
+    class uniformly among those present, then one of its voxels, so that small structures
+    (vessels, gallbladder, pancreas) are seen as often as the liver.
     """
     if strategy == "class_balanced":
-        classes = [0, *sorted(case.class_voxels)]
-        chosen = classes[rng.integers(len(classes))]
-        if chosen == 0:
-            return tuple(int(rng.integers(n)) for n in case.label.shape)
-        return foreground_centre(rng, case.class_voxels[chosen])
+        classes = sorted(case.class_voxels)
+        voxels = case.class_voxels[classes[rng.integers(len(classes))]]
+        return foreground_centre(rng, voxels)
     index = int(rng.integers(sum(len(v) for v in case.class_voxels.values())))
     for voxels in case.class_voxels.values():
         if index < len(voxels):
