@@ -30,6 +30,8 @@ def make_manager(
         save_interval_steps=config.train.checkpoint_every,
         max_to_keep=config.train.keep_checkpoints,
         create=True,
+        # A run killed while saving leaves a *.orbax-checkpoint-tmp folder: remove it.
+        cleanup_tmp_directories=True,
     )
     return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options)
 
