@@ -28,9 +28,10 @@ def describe_model(config: ml_collections.ConfigDict) -> str:
     for level in range(1, config.pyramid.levels + 1):
         count = train.count_parameters(variables["params"][f"level_{level}"])
         factor = 2 ** (config.pyramid.levels - level + 1)
+        channels = model.level_in_channels(level)
         lines.append(
-            f"  level {level}: downsample x{factor}, {model.level_in_channels(level)} input "
-            f"channels, {count:,} parameters ({count / 1e6:.2f} M)"
+            f"  level {level}: downsample x{factor}, {channels} input channel"
+            f"{'s' if channels > 1 else ''}, {count:,} parameters ({count / 1e6:.2f} M)"
         )
     total = train.count_parameters(variables["params"])
     lines.append(f"  total: {total:,} parameters ({total / 1e6:.2f} M)")

@@ -139,20 +139,16 @@ def test_the_default_and_paper_configs_are_valid():
     validate_config(load_config("paper"), 1)
 
 
+def _run_main(config_name: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m autocontext_jax.main --config configs/NAME.py ARGS...`, output captured."""
+    config = str(TESTS.parent / "configs" / f"{config_name}.py")
+    command = [sys.executable, "-m", "autocontext_jax.main", "--config", config, *args]
+    return subprocess.run(command, capture_output=True, text=True)
+
+
 def test_command_line_refuses_a_bad_config_before_doing_anything(tmp_path):
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "autocontext_jax.main",
-            "--config",
-            str(TESTS.parent / "configs" / "default.py"),
-            "--workdir",
-            str(tmp_path / "run"),
-            "--config.pyramid.mode=sideways",
-        ],
-        capture_output=True,
-        text=True,
+    result = _run_main(
+        "default", "--workdir", str(tmp_path / "run"), "--config.pyramid.mode=sideways"
     )
     assert result.returncode != 0
     assert "config.pyramid.mode='sideways'" in result.stderr
@@ -160,20 +156,9 @@ def test_command_line_refuses_a_bad_config_before_doing_anything(tmp_path):
 
 
 def test_paper_dry_run_prints_the_parameter_counts():
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "autocontext_jax.main",
-            "--config",
-            str(TESTS.parent / "configs" / "paper.py"),
-            "--dry_run",
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    assert "level 1: downsample x4, 1 input channels, 19,071,784 parameters (19.07 M)" in (
+    result = _run_main("paper", "--dry_run")
+    assert result.returncode == 0, result.stderr
+    assert "level 1: downsample x4, 1 input channel, 19,071,784 parameters (19.07 M)" in (
         result.stdout
     )
     # Level 2 adds K=8 context channels to its first convolution: 8 * 27 * 32 weights.
