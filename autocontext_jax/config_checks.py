@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from autocontext_jax.losses import LOSSES
+from autocontext_jax.losses import LOSS_NAMES
 from autocontext_jax.models import COMPUTE_DTYPES
 from autocontext_jax.models.pyramid import CONTEXT_MODES
 
@@ -50,7 +50,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         data.crop_size,
         f"must be a positive multiple of 2^model.num_poolings = {multiple}",
     )
-    _require(config.loss.name in LOSSES, "loss.name", config.loss.name, f"one of {tuple(LOSSES)}")
+    _require(config.loss.name in LOSS_NAMES, "loss.name", config.loss.name, f"one of {LOSS_NAMES}")
     _require(train.steps >= 1, "train.steps", train.steps, "must be >= 1")
     _require(train.batch_size >= 1, "train.batch_size", train.batch_size, "must be >= 1")
     _require(

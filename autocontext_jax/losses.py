@@ -21,10 +21,17 @@ def soft_dice_per_class(probs: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray
     return (2.0 * intersection + DICE_SMOOTH) / (denominator + DICE_SMOOTH)
 
 
-def dice_loss(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
-    """One minus the soft Dice averaged over the K classes (Eq. 1 of the paper, plus one)."""
+def dice_loss(
+    logits: jnp.ndarray, targets: jnp.ndarray, include_background: bool = True
+) -> jnp.ndarray:
+    """One minus the soft Dice averaged over the classes (Eq. 1 of the paper, plus one).
+
+    The paper averages over all K classes; `include_background=False` averages over the
+    K-1 structures only, as nnU-Net does, so that they share the whole Dice gradient.
+    """
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    return 1.0 - jnp.mean(soft_dice_per_class(probs, targets))
+    dice = soft_dice_per_class(probs, targets)
+    return 1.0 - jnp.mean(dice if include_background else dice[1:])
 
 
 def cross_entropy_loss(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
@@ -33,14 +40,14 @@ def cross_entropy_loss(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray
     return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
 
 
-LOSSES = {
-    "dice": dice_loss,
-    "dice_ce": lambda logits, targets: (
-        dice_loss(logits, targets) + cross_entropy_loss(logits, targets)
-    ),
-}
+LOSS_NAMES = ("dice", "dice_ce")
 
 
-def segmentation_loss(name: str, logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray:
+def segmentation_loss(
+    name: str, logits: jnp.ndarray, targets: jnp.ndarray, dice_background: bool = True
+) -> jnp.ndarray:
     """The loss called `name` (`dice` or `dice_ce`) of one pyramid level."""
-    return LOSSES[name](logits, targets)
+    loss = dice_loss(logits, targets, dice_background)
+    if name == "dice_ce":
+        loss = loss + cross_entropy_loss(logits, targets)
+    return loss

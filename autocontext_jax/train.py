@@ -159,7 +159,12 @@ def make_train_step(
             )
             level_losses = jnp.stack(
                 [
-                    segmentation_loss(config.loss.name, level_logits, level_targets)
+                    segmentation_loss(
+                        config.loss.name,
+                        level_logits,
+                        level_targets,
+                        config.loss.dice_background,
+                    )
                     for level_logits, level_targets in zip(logits, targets, strict=True)
                 ]
             )

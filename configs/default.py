@@ -49,6 +49,8 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "dice_ce"  # dice (the paper's Eq. 1) | dice_ce
+    # Average the Dice over all K classes (the paper) or over the K-1 structures only.
+    config.loss.dice_background = True
 
     # Intensity augmentation on the device, per example, each with `probability`.
     config.augment = ml_collections.ConfigDict()

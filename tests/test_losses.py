@@ -8,7 +8,7 @@ import pytest
 from autocontext_jax.losses import DICE_SMOOTH, dice_loss, segmentation_loss
 
 
-def _numpy_dice_loss(logits, targets):
+def _numpy_dice_loss(logits, targets, first_class=0):
     e = np.exp(logits - logits.max(-1, keepdims=True))
     p = e / e.sum(-1, keepdims=True)
     k = logits.shape[-1]
@@ -16,7 +16,7 @@ def _numpy_dice_loss(logits, targets):
     dice = [
         (2 * np.sum(p[:, c] * t[:, c]) + DICE_SMOOTH)
         / (np.sum(p[:, c]) + np.sum(t[:, c]) + DICE_SMOOTH)
-        for c in range(k)
+        for c in range(first_class, k)
     ]
     return 1.0 - np.mean(dice)
 
@@ -51,3 +51,13 @@ def test_dice_ce_adds_the_cross_entropy():
     ce = -np.mean(np.sum(targets * log_p, -1))
     got = float(segmentation_loss("dice_ce", jnp.asarray(logits), jnp.asarray(targets)))
     assert got == pytest.approx(_numpy_dice_loss(logits, targets) + ce, rel=1e-5)
+
+
+def test_dice_loss_can_leave_the_background_out_of_the_average():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(size=(2, 4, 4, 4, 5)).astype(np.float32)
+    targets = np.eye(5, dtype=np.float32)[rng.integers(0, 5, size=(2, 4, 4, 4))]
+    got = float(dice_loss(jnp.asarray(logits), jnp.asarray(targets), include_background=False))
+    assert got == pytest.approx(_numpy_dice_loss(logits, targets, first_class=1), rel=1e-5)
+    with_background = float(dice_loss(jnp.asarray(logits), jnp.asarray(targets)))
+    assert got != pytest.approx(with_background, rel=1e-3)
