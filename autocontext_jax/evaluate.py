@@ -16,7 +16,7 @@ import numpy as np
 import tqdm
 
 from autocontext_jax.data import dataset as dataset_lib
-from autocontext_jax.data.intensity import normalize_hu
+from autocontext_jax.data.intensity import normalize_hu, normalized_pad_value
 from autocontext_jax.data.labels import class_names
 from autocontext_jax.data.sampling import box_downsample
 from autocontext_jax.models.pyramid import downsample_factor
@@ -30,7 +30,7 @@ def pad_to_multiple(volume: np.ndarray, multiple: int, value: float) -> np.ndarr
     return np.pad(volume, pad, constant_values=value)
 
 
-def pyramid_volumes(image: np.ndarray, num_levels: int, num_poolings: int) -> list[np.ndarray]:
+def pyramid_volumes(image: np.ndarray, num_levels: int) -> list[np.ndarray]:
     """The padded normalised volume downsampled for each level, as (1, X, Y, Z, 1) arrays.
 
     `image` must already be padded to a multiple of 2^levels * 2^poolings, so level
@@ -61,9 +61,9 @@ def predict_levels(
 ) -> list[np.ndarray]:
     """Label maps of every pyramid level for a whole canonical HU volume, at its own grid."""
     multiple = 2**config.pyramid.levels * 2**config.model.num_poolings
-    pad_value = float(normalize_hu(config.data.pad_value_hu, config.data))
+    pad_value = normalized_pad_value(config.data)
     padded = pad_to_multiple(normalize_hu(image_hu, config.data), multiple, pad_value)
-    images = pyramid_volumes(padded, config.pyramid.levels, config.model.num_poolings)
+    images = pyramid_volumes(padded, config.pyramid.levels)
     labels = _predict_labels(model, variables, images, padded.shape)
     x, y, z = image_hu.shape
     return [np.asarray(level)[:x, :y, :z] for level in labels]

@@ -24,7 +24,11 @@ from autocontext_jax import checkpointing, evaluate, parallel
 from autocontext_jax.config_checks import validate_config
 from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data import phantom
-from autocontext_jax.data.pipeline import PyramidExampleSampler, prepare_case, train_batches
+from autocontext_jax.data.pipeline import (
+    PyramidExampleSampler,
+    read_prepared_case,
+    train_batches,
+)
 from autocontext_jax.losses import segmentation_loss
 from autocontext_jax.models import build_pyramid
 
@@ -238,9 +242,7 @@ def ensure_dataset(data_config: ml_collections.ConfigDict) -> pathlib.Path:
 def load_prepared(files: list[dataset_lib.CaseFiles], config: ml_collections.ConfigDict):
     """Read and prepare every case once, so bad files are reported before training."""
     return {
-        f.case_id: prepare_case(
-            dataset_lib.load_case(f, config.model.num_classes), config.data, str(f.label)
-        )
+        f.case_id: read_prepared_case(f, config)
         for f in tqdm.tqdm(files, desc="reading cases", leave=False, disable=len(files) < 8)
     }
 

@@ -33,7 +33,7 @@ def test_pad_to_multiple_pads_the_far_ends():
 
 def test_pyramid_volumes_nest():
     image = np.random.default_rng(0).normal(size=(32, 16, 48)).astype(np.float32)
-    coarse, fine = evaluate.pyramid_volumes(image, 2, 1)
+    coarse, fine = evaluate.pyramid_volumes(image, 2)
     assert coarse.shape == (1, 8, 4, 12, 1) and fine.shape == (1, 16, 8, 24, 1)
     np.testing.assert_allclose(box_downsample(fine[0, ..., 0], 2), coarse[0, ..., 0], atol=1e-5)
 

@@ -13,3 +13,8 @@ def normalize_hu(hu: np.ndarray | float, data_config: ml_collections.ConfigDict)
     return (clipped - np.float32(data_config.intensity_mean)) / np.float32(
         data_config.intensity_std
     )
+
+
+def normalized_pad_value(data_config: ml_collections.ConfigDict) -> float:
+    """The normalised intensity of everything outside the scan (`data.pad_value_hu`)."""
+    return float(normalize_hu(data_config.pad_value_hu, data_config))

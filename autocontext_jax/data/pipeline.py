@@ -18,7 +18,7 @@ import ml_collections
 import numpy as np
 
 from autocontext_jax.data.dataset import Case, CaseFiles, DatasetError, load_case
-from autocontext_jax.data.intensity import normalize_hu
+from autocontext_jax.data.intensity import normalize_hu, normalized_pad_value
 from autocontext_jax.data.sampling import foreground_centre, pyramid_crops
 
 
@@ -48,6 +48,12 @@ def prepare_case(case: Case, data_config: ml_collections.ConfigDict, path: str) 
         case.label,
         {int(k): group for k, group in zip(present, groups, strict=True)},
     )
+
+
+def read_prepared_case(files: CaseFiles, config: ml_collections.ConfigDict) -> PreparedCase:
+    """Read a case from disk and prepare it for sampling."""
+    case = load_case(files, config.model.num_classes)
+    return prepare_case(case, config.data, str(files.label))
 
 
 def crop_centre(
@@ -84,7 +90,7 @@ class PyramidExampleSampler:
         self._files = list(files)
         self._config = config
         self._batch_size = config.train.batch_size
-        self._pad_value = float(normalize_hu(config.data.pad_value_hu, config.data))
+        self._pad_value = normalized_pad_value(config.data)
         self._cache: dict[str, PreparedCase] = dict(preloaded or {})
         self._lock = threading.Lock()
 
@@ -110,8 +116,7 @@ class PyramidExampleSampler:
         files = self._files[index]
         with self._lock:
             if files.case_id not in self._cache:
-                case = load_case(files, self._config.model.num_classes)
-                self._cache[files.case_id] = prepare_case(case, self._config.data, str(files.label))
+                self._cache[files.case_id] = read_prepared_case(files, self._config)
             return self._cache[files.case_id]
 
     def __call__(self, example: int) -> dict[str, np.ndarray]:
