@@ -6,6 +6,7 @@ import ml_collections
 
 from autocontext_jax.losses import LOSS_NAMES
 from autocontext_jax.models import COMPUTE_DTYPES
+from autocontext_jax.models.conv import CONV_IMPLS
 from autocontext_jax.models.pyramid import CONTEXT_MODES
 
 MAX_PYRAMID_LEVELS = 4
@@ -42,6 +43,9 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         "model.compute_dtype",
         model.compute_dtype,
         f"one of {tuple(COMPUTE_DTYPES)}",
+    )
+    _require(
+        model.conv_impl in CONV_IMPLS, "model.conv_impl", model.conv_impl, f"one of {CONV_IMPLS}"
     )
     multiple = 2**model.num_poolings
     _require(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import jax
@@ -18,6 +19,22 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs an
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Build the model, print the config and parameter counts, and exit."
 )
+
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    os.path.join(os.path.expanduser("~"), ".cache", "autocontext_jax", "xla"),
+    "Folder of XLA's persistent compilation cache, so a rerun of the same shapes starts "
+    "at once ('' turns it off).",
+)
+
+
+def enable_compilation_cache(folder: str) -> None:
+    """Keep compiled programs on disk so the next run of the same shapes skips compiling."""
+    if not folder:
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # The train step and evaluation are worth caching; tiny helper programs are not.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
 
 
 def describe_model(config: ml_collections.ConfigDict) -> str:
@@ -57,6 +74,7 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.WARNING)
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required to train, e.g. --workdir runs/default")
+    enable_compilation_cache(_COMPILATION_CACHE.value)
     train.train_and_evaluate(config, _WORKDIR.value)
 
 

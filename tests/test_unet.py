@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autocontext_jax.models.unet import UNet3D, UpConv
+from autocontext_jax.models.unet import UNet3D, UpConv, max_pool_2x2x2
 from autocontext_jax.train import count_parameters
 
 PAPER_PARAMETERS = 19.07e6
@@ -73,3 +73,17 @@ def test_batch_statistics_are_updated_in_training_only():
     before = jax.tree.leaves(variables["batch_stats"])
     after = jax.tree.leaves(updates["batch_stats"])
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+
+
+def test_max_pool_equals_flax_max_pool_and_its_gradient_on_relu_outputs():
+    x = jax.nn.relu(jax.random.normal(jax.random.key(7), (2, 4, 6, 8, 3)))
+
+    def pooled_sum(pool):
+        return lambda x: jnp.sum(pool(x) * jnp.arange(3.0))
+
+    flax_pool = lambda x: nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))  # noqa: E731
+    np.testing.assert_array_equal(max_pool_2x2x2(x), flax_pool(x))
+    # Through the ReLU, as in the network: ties (zeros) carry no gradient either way.
+    ours = jax.grad(lambda z: pooled_sum(max_pool_2x2x2)(jax.nn.relu(z)))(x - 0.5)
+    reference = jax.grad(lambda z: pooled_sum(flax_pool)(jax.nn.relu(z)))(x - 0.5)
+    np.testing.assert_allclose(ours, reference)

@@ -19,4 +19,5 @@ def build_pyramid(config: ml_collections.ConfigDict) -> AutoContextPyramid:
         num_poolings=config.model.num_poolings,
         dtype=COMPUTE_DTYPES[config.model.compute_dtype],
         bn_momentum=config.model.bn_momentum,
+        conv_impl=config.model.get("conv_impl", "auto"),
     )

@@ -56,6 +56,7 @@ class AutoContextPyramid(nn.Module):
     num_poolings: int = 3
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
+    conv_impl: str = "auto"
 
     def setup(self) -> None:
         """Create one U-Net per level, named level_1 (coarsest) ... level_S (finest)."""
@@ -68,6 +69,7 @@ class AutoContextPyramid(nn.Module):
                 num_poolings=self.num_poolings,
                 dtype=self.dtype,
                 bn_momentum=self.bn_momentum,
+                conv_impl=self.conv_impl,
                 name=f"level_{s + 1}",
             )
             for s in range(self.num_levels)

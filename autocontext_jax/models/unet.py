@@ -15,6 +15,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from autocontext_jax.models.conv import Conv3D
+
 Dtype = Any
 
 
@@ -24,19 +26,14 @@ class ConvBlock(nn.Module):
     features: int
     dtype: Dtype = jnp.float32
     bn_momentum: float = 0.9
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         """Apply the block to a channels-last (B, D, H, W, C) tensor."""
-        # No conv bias: the BatchNorm shift that follows makes it redundant.
-        x = nn.Conv(
-            self.features,
-            (3, 3, 3),
-            padding="SAME",
-            use_bias=False,
-            dtype=self.dtype,
-            param_dtype=jnp.float32,
-        )(x)
+        # No conv bias: the BatchNorm shift that follows makes it redundant. The name keeps
+        # the parameter paths of `nn.Conv`, which this module replaces one for one.
+        x = Conv3D(self.features, 3, impl=self.conv_impl, dtype=self.dtype, name="Conv_0")(x)
         x = nn.BatchNorm(
             use_running_average=not train,
             momentum=self.bn_momentum,
@@ -76,6 +73,18 @@ class UpConv(nn.Module):
         return y + bias
 
 
+def max_pool_2x2x2(x: jnp.ndarray) -> jnp.ndarray:
+    """2x2x2 max pooling with stride 2 of a channels-last tensor with even spatial sizes.
+
+    A reshape and a max instead of `nn.max_pool`'s reduce-window, whose gradient is a
+    select-and-scatter that XLA's CPU backend runs slowly. The two differ only in how a
+    tie shares the gradient; ties come from ReLU zeros, whose gradient is zero anyway.
+    """
+    batch, depth, height, width, channels = x.shape
+    blocks = x.reshape(batch, depth // 2, 2, height // 2, 2, width // 2, 2, channels)
+    return blocks.max(axis=(2, 4, 6))
+
+
 class UNet3D(nn.Module):
     """Çiçek et al. 3D U-Net mapping (B, D, H, W, C_in) to (B, D, H, W, K) logits."""
 
@@ -84,6 +93,8 @@ class UNet3D(nn.Module):
     num_poolings: int = 3
     dtype: Dtype = jnp.float32
     bn_momentum: float = 0.9
+    # How 3x3x3 convolutions are lowered (models/conv.py); every choice is the same function.
+    conv_impl: str = "auto"
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
@@ -95,7 +106,7 @@ class UNet3D(nn.Module):
             x = self._block(self.width * 2 ** (level + 1), x, train)
             if level < self.num_poolings:
                 skips.append(x)
-                x = nn.max_pool(x, (2, 2, 2), strides=(2, 2, 2))
+                x = max_pool_2x2x2(x)
         for level in reversed(range(self.num_poolings)):
             x = UpConv(x.shape[-1], dtype=self.dtype)(x)
             x = jnp.concatenate([skips[level], x], axis=-1)
@@ -105,4 +116,7 @@ class UNet3D(nn.Module):
         return logits.astype(jnp.float32)
 
     def _block(self, features: int, x: jnp.ndarray, train: bool) -> jnp.ndarray:
-        return ConvBlock(features, dtype=self.dtype, bn_momentum=self.bn_momentum)(x, train)
+        block = ConvBlock(
+            features, dtype=self.dtype, bn_momentum=self.bn_momentum, conv_impl=self.conv_impl
+        )
+        return block(x, train)

@@ -1,0 +1,59 @@
+"""Analytic floating-point operation counts of the U-Net and the pyramid.
+
+A convolution costs 2 FLOPs (one multiply, one add) per kernel tap, input channel, output
+channel and output voxel; pooling, BatchNorm, activations and losses are not counted, as
+is usual when quoting a network's FLOPs. A train step costs three forward passes (forward,
+gradient with respect to activations, gradient with respect to weights).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import ml_collections
+import numpy as np
+
+
+def unet_forward_flops(
+    spatial_shape: Sequence[int], in_channels: int, num_classes: int, width: int, num_poolings: int
+) -> int:
+    """FLOPs of one forward pass of the 3D U-Net (models/unet.py) on one example."""
+    voxels = [
+        int(np.prod([n // 2**level for n in spatial_shape])) for level in range(num_poolings + 1)
+    ]
+    macs = 0
+    channels = in_channels
+    for level in range(num_poolings + 1):
+        first, second = width * 2**level, width * 2 ** (level + 1)
+        macs += voxels[level] * 27 * (channels * first + first * second)
+        channels = second
+    for level in reversed(range(num_poolings)):
+        # Up-convolution: every coarse voxel writes a 2x2x2 block, channels kept.
+        macs += voxels[level + 1] * 8 * channels * channels
+        skip = width * 2 ** (level + 1)
+        macs += voxels[level] * 27 * ((skip + channels) * skip + skip * skip)
+        channels = skip
+    macs += voxels[0] * channels * num_classes
+    return 2 * macs
+
+
+def pyramid_forward_flops(config: ml_collections.ConfigDict, spatial_shape: Sequence[int]) -> int:
+    """FLOPs of one forward pass of the whole pyramid on one example of crop `spatial_shape`."""
+    model = config.model
+    total = 0
+    for level in range(1, config.pyramid.levels + 1):
+        context = model.num_classes if level > 1 and config.pyramid.mode != "none" else 0
+        total += unet_forward_flops(
+            spatial_shape,
+            model.in_channels + context,
+            model.num_classes,
+            model.width,
+            model.num_poolings,
+        )
+    return total
+
+
+def train_step_flops(config: ml_collections.ConfigDict) -> int:
+    """FLOPs of one train step of `config`: three forward passes of the global batch."""
+    crop = (config.data.crop_size,) * 3
+    return 3 * config.train.batch_size * pyramid_forward_flops(config, crop)

@@ -1,0 +1,187 @@
+"""Time the jitted train step against the matmul peak and against PyTorch, in one run.
+
+    python benchmarks/train_step.py                       # default + paper, U-Net + pyramid
+    python benchmarks/train_step.py --configs=default --impls=native,auto --torch=false
+    python benchmarks/train_step.py --configs=paper --paper_batch=3 --dtype=bfloat16  # GPU
+
+For each config (`default`, `paper`) and scope (`unet`: one U-Net level; `pyramid`: all
+levels) it prints the median seconds per step, voxels/s, the achieved GFLOP/s from the
+analytic FLOPs of the network (models/flops.py, three forward passes per step), that as a
+fraction of the float32 (or bfloat16) matmul peak measured in the same run, the compile
+time, peak memory, and PyTorch's median for the same network, batch and loss (needs
+`pip install torch`; see benchmarks/torch_reference.py). `--impls` times several lowerings
+of the 3x3x3 convolution side by side (`native` is XLA's own 3D convolution).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import resource
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from absl import app, flags
+
+from autocontext_jax import parallel, train
+from autocontext_jax.models import build_pyramid
+from autocontext_jax.models.conv import resolve_conv_impl
+from autocontext_jax.models.flops import train_step_flops
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+_CONFIGS = flags.DEFINE_list("configs", ["default", "paper"], "configs/NAME.py to time.")
+_SCOPES = flags.DEFINE_list("scopes", ["unet", "pyramid"], "unet (one level) and/or pyramid.")
+_IMPLS = flags.DEFINE_list("impls", ["auto"], "model.conv_impl values to time side by side.")
+_STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
+_PAPER_BATCH = flags.DEFINE_integer(
+    "paper_batch", 1, "Batch of the paper config (the paper used 3; 1 keeps a CPU run short)."
+)
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
+_TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch reference when installed.")
+
+
+def load_config(name: str) -> ml_collections.ConfigDict:
+    """configs/NAME.py's config, loaded by path as the command line does."""
+    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def case_config(name: str, scope: str, impl: str) -> ml_collections.ConfigDict:
+    """The config of one benchmark case."""
+    config = load_config(name)
+    if name == "paper":
+        config.train.batch_size = _PAPER_BATCH.value
+    if scope == "unet":
+        config.pyramid.levels = 1
+    config.model.conv_impl = impl
+    config.model.compute_dtype = _DTYPE.value
+    return config
+
+
+def median_seconds(function, repeats: int) -> float:
+    """Median wall time of `function()` (which must block until its work is done)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return float(np.median(times))
+
+
+def matmul_peak_gflops(dtype: str) -> tuple[float, str]:
+    """The best of a jitted JAX matmul and (float32 on CPU) numpy's, in GFLOP/s."""
+    size = 4096 if jax.default_backend() == "cpu" else 16384
+    a = jnp.ones((size, size), dtype)
+    product = jax.jit(lambda x: x @ x)
+    product(a).block_until_ready()
+    best = 2 * size**3 / median_seconds(lambda: product(a).block_until_ready(), 5) / 1e9
+    source = "jax"
+    if jax.default_backend() == "cpu" and dtype == "float32":
+        b = np.ones((size, size), np.float32)
+        numpy_rate = 2 * size**3 / median_seconds(lambda: b @ b, 3) / 1e9
+        if numpy_rate > best:
+            best, source = numpy_rate, "numpy"
+    return best, source
+
+
+def synthetic_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A batch of random crops and random one-hot labels of the config's shapes."""
+    generator = np.random.default_rng(seed)
+    crop, classes = config.data.crop_size, config.model.num_classes
+    shape = (config.train.batch_size, config.pyramid.levels, crop, crop, crop)
+    image = generator.normal(size=(*shape, config.model.in_channels)).astype(np.float32)
+    label = np.eye(classes, dtype=np.float32)[generator.integers(0, classes, shape)]
+    return {"image": image, "label": label}
+
+
+def peak_memory_mb(compiled) -> float:
+    """Peak device memory of the step: the allocator's peak when known, else XLA's plan."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "peak_bytes_in_use" in stats:
+        return stats["peak_bytes_in_use"] / 2**20
+    analysis = compiled.memory_analysis()
+    total = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        + analysis.temp_size_in_bytes
+        - analysis.alias_size_in_bytes
+    )
+    return total / 2**20
+
+
+def time_jax_step(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
+    """Compile and time the project's train step (train.make_train_step) for `config`."""
+    mesh = parallel.make_mesh()
+    model = build_pyramid(config)
+    optimizer = train.make_optimizer(config.train)
+    state = train.create_train_state(model, optimizer, config.seed)
+    step = train.jit_train_step(train.make_train_step(model, optimizer, config), mesh)
+    batch = parallel.put_batch(synthetic_batch(config), parallel.batch_sharded(mesh))
+    rng = jax.random.key(0)
+    start = time.perf_counter()
+    compiled = step.lower(state, batch, rng).compile()
+    compile_s = time.perf_counter() - start
+
+    def run_step() -> None:
+        nonlocal state
+        state, metrics = compiled(state, batch, rng)
+        metrics["loss"].block_until_ready()
+
+    run_step()
+    seconds = median_seconds(run_step, steps)
+    return {"compile_s": compile_s, "median_s": seconds, "memory_mb": peak_memory_mb(compiled)}
+
+
+def main(argv: list[str]) -> None:
+    """Print one table row per (config, scope, lowering), PyTorch beside it."""
+    del argv
+    torch_reference = None
+    if _TORCH.value and importlib.util.find_spec("torch") is not None:
+        sys.path.insert(0, str(REPO / "benchmarks"))
+        import torch_reference  # noqa: PLC0415 -- optional, only when torch is installed
+    peak, source = matmul_peak_gflops(_DTYPE.value)
+    print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0]}")
+    print(f"{_DTYPE.value} matmul peak: {peak:.0f} GFLOP/s ({source})")
+    header = (
+        "| config | scope | batch x crop | width | conv | compile s | s/step | Mvoxel/s "
+        "| GFLOP/s | % peak | memory MB | torch s/step | JAX/torch |"
+    )
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    for name in _CONFIGS.value:
+        for scope in _SCOPES.value:
+            torch_seconds = None
+            for impl in _IMPLS.value:
+                config = case_config(name, scope, impl)
+                result = time_jax_step(config, _STEPS.value)
+                if torch_reference is not None and torch_seconds is None:
+                    torch_seconds = torch_reference.time_train_step(config, _STEPS.value)[
+                        "median_s"
+                    ]
+                flops = train_step_flops(config)
+                voxels = config.train.batch_size * config.pyramid.levels * config.data.crop_size**3
+                gflops = flops / result["median_s"] / 1e9
+                torch_cell = f"{torch_seconds:.3f}" if torch_seconds else "-"
+                ratio = f"{result['median_s'] / torch_seconds:.2f}" if torch_seconds else "-"
+                print(
+                    f"| {name} | {scope} | {config.train.batch_size} x {config.data.crop_size}³ "
+                    f"| {config.model.width} | {resolve_conv_impl(impl)} "
+                    f"| {result['compile_s']:.1f} | {result['median_s']:.3f} "
+                    f"| {voxels / result['median_s'] / 1e6:.2f} | {gflops:.1f} "
+                    f"| {100 * gflops / peak:.0f} | {result['memory_mb']:.0f} "
+                    f"| {torch_cell} | {ratio} |",
+                    flush=True,
+                )
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(f"process peak RSS: {max_rss:.0f} MB")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,110 @@
+"""The fast convolution lowering is the plain 3D convolution, value and gradient."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from autocontext_jax.models.conv import Conv3D, conv3d_same, resolve_conv_impl
+from autocontext_jax.models.flops import unet_forward_flops
+from autocontext_jax.models.unet import UNet3D
+
+
+def _plain(x, kernel):
+    return jax.lax.conv_general_dilated(
+        x, kernel, (1, 1, 1), "SAME", dimension_numbers=("NDHWC", "DHWIO", "NDHWC")
+    )
+
+
+def test_depth_folded_convolution_equals_the_plain_one_with_gradients():
+    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 7, 3))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
+    probe = jax.random.normal(jax.random.key(2), (2, 5, 6, 7, 4))
+
+    def loss(function):
+        return lambda x, k: jnp.sum(function(x, k) * probe)
+
+    np.testing.assert_allclose(
+        conv3d_same(x, kernel, "depth_folded"), _plain(x, kernel), rtol=1e-5, atol=1e-4
+    )
+    folded = jax.grad(loss(lambda x, k: conv3d_same(x, k, "depth_folded")), (0, 1))(x, kernel)
+    plain = jax.grad(loss(_plain), (0, 1))(x, kernel)
+    for ours, reference in zip(folded, plain, strict=True):
+        np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_conv3d_module_matches_flax_conv_parameter_for_parameter():
+    x = jax.random.normal(jax.random.key(3), (1, 4, 4, 4, 2))
+    ours = Conv3D(5, impl="depth_folded")
+    reference = nn.Conv(5, (3, 3, 3), padding="SAME", use_bias=False)
+    ours_vars = ours.init(jax.random.key(4), x)
+    reference_vars = reference.init(jax.random.key(4), x)
+    # Same shapes and the same initialiser: identical parameters from the same key.
+    np.testing.assert_array_equal(ours_vars["params"]["kernel"], reference_vars["params"]["kernel"])
+    np.testing.assert_allclose(
+        ours.apply(ours_vars, x), reference.apply(reference_vars, x), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_unet_outputs_and_gradients_agree_across_lowerings():
+    x = jax.random.normal(jax.random.key(5), (2, 4, 8, 4, 1))
+    native = UNet3D(num_classes=3, width=2, num_poolings=1, conv_impl="native")
+    folded = native.clone(conv_impl="depth_folded")
+    variables = native.init(jax.random.key(6), x)
+
+    def loss(model):
+        def value(params):
+            logits, _ = model.apply(
+                {"params": params, "batch_stats": variables["batch_stats"]},
+                x,
+                train=True,
+                mutable=["batch_stats"],
+            )
+            return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+        return jax.jit(jax.value_and_grad(value, has_aux=True))(variables["params"])
+
+    (_, native_logits), native_grads = loss(native)
+    (_, folded_logits), folded_grads = loss(folded)
+    np.testing.assert_allclose(folded_logits, native_logits, rtol=1e-4, atol=1e-4)
+    for ours, reference in zip(
+        jax.tree.leaves(folded_grads), jax.tree.leaves(native_grads), strict=True
+    ):
+        np.testing.assert_allclose(ours, reference, rtol=1e-4, atol=1e-4)
+
+
+def test_auto_lowering_and_bad_names():
+    expected = "depth_folded" if jax.default_backend() == "cpu" else "native"
+    assert resolve_conv_impl("auto") == expected
+    with pytest.raises(ValueError, match="conv_impl"):
+        resolve_conv_impl("winograd")
+
+
+def _jaxpr_flops(jaxpr) -> int:
+    """FLOPs of every convolution and dot product in a jaxpr, nested calls included."""
+    total = 0
+    for equation in jaxpr.eqns:
+        if equation.primitive.name == "conv_general_dilated":
+            lhs, rhs = (v.aval for v in equation.invars)
+            (out,) = (v.aval for v in equation.outvars)
+            # Output elements times the taps and input channels that each sums.
+            total += 2 * out.size * rhs.size // rhs.shape[-1]
+        elif equation.primitive.name == "dot_general":
+            lhs, _ = (v.aval for v in equation.invars)
+            (out,) = (v.aval for v in equation.outvars)
+            (contracting, _), _ = equation.params["dimension_numbers"]
+            total += 2 * out.size * int(np.prod([lhs.shape[d] for d in contracting]))
+        for param in equation.params.values():
+            if hasattr(param, "jaxpr"):
+                total += _jaxpr_flops(param.jaxpr)
+    return total
+
+
+@pytest.mark.parametrize("poolings,in_channels", [(1, 1), (3, 9)])
+def test_analytic_flops_match_the_traced_network(poolings, in_channels):
+    model = UNet3D(num_classes=8, width=4, num_poolings=poolings, conv_impl="native")
+    x = jnp.zeros((1, 16, 8, 16, in_channels))
+    variables = jax.eval_shape(lambda: model.init(jax.random.key(0), x))
+    jaxpr = jax.make_jaxpr(lambda v: model.apply(v, x))(variables)
+    assert unet_forward_flops((16, 8, 16), in_channels, 8, 4, poolings) == _jaxpr_flops(jaxpr.jaxpr)
