@@ -89,7 +89,9 @@ def evaluate_cases(
     num_classes = config.model.num_classes
     per_level: list[list[list[float]]] = [[] for _ in range(config.pyramid.levels)]
     for case_files in tqdm.tqdm(files, desc="evaluate", leave=False):
-        case = dataset_lib.load_case(case_files, num_classes)
+        case = dataset_lib.load_case(
+            case_files, num_classes, config.data.label_map, config.data.unmapped_labels
+        )
         for level, labels in enumerate(predict_levels(model, variables, case.image, config)):
             per_level[level].append(dice_per_class(labels, case.label, num_classes).tolist())
     return {

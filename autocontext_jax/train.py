@@ -23,8 +23,9 @@ import tqdm
 from autocontext_jax import checkpointing, evaluate, parallel
 from autocontext_jax.config_checks import validate_config
 from autocontext_jax.data import dataset as dataset_lib
-from autocontext_jax.data import phantom
+from autocontext_jax.data import phantom, preprocess
 from autocontext_jax.data.pipeline import (
+    PreparedCase,
     PyramidExampleSampler,
     read_prepared_case,
     train_batches,
@@ -239,11 +240,11 @@ def ensure_dataset(data_config: ml_collections.ConfigDict) -> pathlib.Path:
     return data_dir
 
 
-def load_prepared(files: list[dataset_lib.CaseFiles], config: ml_collections.ConfigDict):
-    """Read and prepare every case once, so bad files are reported before training."""
+def load_prepared(cases: list[preprocess.CachedCase]) -> dict[str, PreparedCase]:
+    """Memory-map and index every preprocessed training case once."""
     return {
-        f.case_id: read_prepared_case(f, config)
-        for f in tqdm.tqdm(files, desc="reading cases", leave=False, disable=len(files) < 8)
+        c.case_id: read_prepared_case(c)
+        for c in tqdm.tqdm(cases, desc="reading cases", leave=False, disable=len(cases) < 8)
     }
 
 
@@ -261,17 +262,25 @@ def _log_metrics(path: pathlib.Path, step: int, metrics: dict[str, float]) -> No
 def prepare_data(
     config: ml_collections.ConfigDict, workdir: pathlib.Path
 ) -> tuple[PyramidExampleSampler, list[dataset_lib.CaseFiles]]:
-    """The training sampler and the held-out cases; the split is written to the workdir."""
-    files = dataset_lib.list_cases(ensure_dataset(config.data))
+    """The training sampler and the held-out cases; the split is written to the workdir.
+
+    Cases are preprocessed into the cache first when it is missing or stale.
+    """
+    ensure_dataset(config.data)
+    files = dataset_lib.list_dataset(config.data)
     train_files, val_files = dataset_lib.split_cases(files, config.data.num_val_cases, config.seed)
+    plan, cached = preprocess.ensure_preprocessed(config, files, train_files)
+    # Cases skipped as bad (data.skip_bad_cases) drop out of both sides of the split.
+    train_cases = [cached[f.case_id] for f in train_files if f.case_id in cached]
+    if not train_cases:
+        raise dataset_lib.DatasetError("no usable training case is left after skipping bad ones")
+    val_files = [f for f in val_files if f.case_id in cached]
     if jax.process_index() == 0:
-        split = {"train": [f.case_id for f in train_files], "val": [f.case_id for f in val_files]}
+        split = {"train": [c.case_id for c in train_cases], "val": [f.case_id for f in val_files]}
         (workdir / "split.json").write_text(json.dumps(split, indent=2) + "\n")
-    prepared = load_prepared(train_files, config)
     # Worker processes read their own copies; only an in-process pipeline shares these.
-    sampler = PyramidExampleSampler(
-        train_files, config, preloaded=prepared if config.data.worker_count == 0 else None
-    )
+    preloaded = load_prepared(train_cases) if config.data.worker_count == 0 else None
+    sampler = PyramidExampleSampler(train_cases, config, plan, preloaded=preloaded)
     return sampler, val_files
 
 

@@ -14,8 +14,25 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    # A folder in the MSD/nnU-Net layout (dataset.json, imagesTr/, labelsTr/).
+    # A folder in the MSD/nnU-Net layout (dataset.json, imagesTr/, labelsTr/), or, when
+    # `pairs` lists ((image, label), ...), the folder its relative paths start from.
     config.data.dir = "data/phantom"
+    config.data.pairs = ()
+    # ((dataset id, model class), ...): unmapped ids become background, or an error with
+    # unmapped_labels = "error". Empty: the dataset's ids are the model's classes.
+    config.data.label_map = ()
+    config.data.unmapped_labels = "background"
+    # Leave out a bad case with a warning naming it, instead of stopping.
+    config.data.skip_bad_cases = False
+    # Preprocessed cases ("" = the dataset folder's name + "_preprocessed", beside it).
+    config.data.cache_dir = ""
+    config.data.preprocess_workers = 2
+    # Voxel size (mm, along R, A, S) that every case is resampled to; () = the median of
+    # the training cases (nnU-Net). Images: spline order 1 (linear) or 3 (cubic); labels:
+    # linear_argmax (per class, keeps thin vessels) or nearest.
+    config.data.target_spacing = ()
+    config.data.image_interpolation_order = 1
+    config.data.label_interpolation = "linear_argmax"
     # When `dir` is missing or empty, generate this many phantom cases there (0: never).
     config.data.phantom_cases = 30
     config.data.num_val_cases = 6
@@ -24,7 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.centre_sampling = "class_balanced"
     # Edge of the cubic crop, in voxels, that every pyramid level sees.
     config.data.crop_size = 24
-    # Hounsfield window, then (HU - mean) / std.
+    # `window`: the fixed Hounsfield window, then (HU - mean) / std. `foreground_zscore`:
+    # nnU-Net's CT scheme, percentiles and moments of the training foreground.
+    config.data.normalization = "window"
     config.data.intensity_clip = (-1000.0, 1000.0)
     config.data.intensity_mean = 40.0
     config.data.intensity_std = 200.0

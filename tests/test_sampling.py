@@ -4,8 +4,10 @@ import itertools
 
 import numpy as np
 import pytest
+from conftest import make_tiny_config
 
 from autocontext_jax.data import dataset as dataset_lib
+from autocontext_jax.data import preprocess
 from autocontext_jax.data.pipeline import PyramidExampleSampler, train_batches
 from autocontext_jax.data.sampling import (
     box_downsample,
@@ -60,22 +62,31 @@ def test_level_regions_are_centred_on_the_sampled_voxel():
 
 
 @pytest.fixture(scope="module")
-def phantom_files(tiny_phantom):
-    return dataset_lib.list_cases(tiny_phantom)
+def preprocessed(tiny_phantom, tmp_path_factory):
+    config = make_tiny_config(tiny_phantom)
+    config.data.cache_dir = str(tmp_path_factory.mktemp("cache"))
+    files = dataset_lib.list_cases(tiny_phantom)
+    plan, cached = preprocess.ensure_preprocessed(config, files, files)
+    return [cached[f.case_id] for f in files], plan
 
 
-def test_each_batch_draws_from_different_volumes(phantom_files, tiny_config):
+def _sampler(preprocessed, config):
+    cases, plan = preprocessed
+    return PyramidExampleSampler(cases, config, plan)
+
+
+def test_each_batch_draws_from_different_volumes(preprocessed, tiny_config):
     tiny_config.train.batch_size = 4
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     for step in range(20):
         cases = sampler.cases_for_step(step)
         assert len(set(cases.tolist())) == 4
 
 
-def test_crops_are_centred_on_foreground(phantom_files, tiny_config):
+def test_crops_are_centred_on_foreground(preprocessed, tiny_config):
     tiny_config.pyramid.levels = 1
     tiny_config.data.centre_sampling = "foreground"
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     for example in range(12):
         label = sampler(example)["label"][0]
         c = label.shape[0] // 2
@@ -83,24 +94,24 @@ def test_crops_are_centred_on_foreground(phantom_files, tiny_config):
         assert label[c - 1 : c + 1, c - 1 : c + 1, c - 1 : c + 1, 1:].sum() > 0
 
 
-def test_batches_are_deterministic_and_resumable(phantom_files, tiny_config):
+def test_batches_are_deterministic_and_resumable(preprocessed, tiny_config):
     tiny_config.train.steps = 5
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     full = list(train_batches(sampler, tiny_config, start_step=0))
     assert len(full) == 5
     assert full[0]["image"].shape == (2, 2, 8, 8, 8, 1)
     assert full[0]["label"].shape == (2, 2, 8, 8, 8, 8)
-    again = list(train_batches(PyramidExampleSampler(phantom_files, tiny_config), tiny_config, 0))
+    again = list(train_batches(_sampler(preprocessed, tiny_config), tiny_config, 0))
     resumed = list(train_batches(sampler, tiny_config, start_step=3))
     for a, b in itertools.chain(zip(full, again, strict=True), zip(full[3:], resumed, strict=True)):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
-def test_processes_share_the_global_batch(phantom_files, tiny_config):
+def test_processes_share_the_global_batch(preprocessed, tiny_config):
     tiny_config.train.steps = 2
     tiny_config.train.batch_size = 4
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     whole = list(train_batches(sampler, tiny_config, 0))
     halves = [list(train_batches(sampler, tiny_config, 0, p, 2)) for p in range(2)]
     for step in range(2):
@@ -108,9 +119,9 @@ def test_processes_share_the_global_batch(phantom_files, tiny_config):
         np.testing.assert_array_equal(joined, whole[step]["image"])
 
 
-def test_worker_processes_give_the_same_batches(phantom_files, tiny_config):
+def test_worker_processes_give_the_same_batches(preprocessed, tiny_config):
     tiny_config.train.steps = 3
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     in_process = list(train_batches(sampler, tiny_config, 0))
     tiny_config.data.worker_count = 2
     with_workers = list(train_batches(sampler, tiny_config, 0))

@@ -17,8 +17,9 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from autocontext_jax.data.dataset import Case, CaseFiles, DatasetError, load_case
-from autocontext_jax.data.intensity import normalize_hu, normalized_pad_value
+from autocontext_jax.data.dataset import Case, DatasetError
+from autocontext_jax.data.intensity import normalize_hu
+from autocontext_jax.data.preprocess import CachedCase, Plan, load_cached
 from autocontext_jax.data.sampling import foreground_centre, pyramid_crops
 
 
@@ -33,27 +34,29 @@ class PreparedCase:
     class_voxels: dict[int, np.ndarray]
 
 
-def prepare_case(case: Case, data_config: ml_collections.ConfigDict, path: str) -> PreparedCase:
-    """Normalise intensities and index the voxels of every foreground class of a case."""
-    coordinates = np.argwhere(case.label > 0).astype(np.int32)
+def index_case(case_id: str, image: np.ndarray, label: np.ndarray, path: str) -> PreparedCase:
+    """A normalised image and its labels, with the voxels of every foreground class indexed."""
+    coordinates = np.argwhere(label > 0).astype(np.int32)
     if len(coordinates) == 0:
         raise DatasetError(f"{path}: the label map has no foreground voxel to centre crops on")
-    classes = case.label[tuple(coordinates.T)]
+    classes = np.asarray(label[tuple(coordinates.T)])
     order = np.argsort(classes, kind="stable")
     present, starts = np.unique(classes[order], return_index=True)
     groups = np.split(coordinates[order], starts[1:])
     return PreparedCase(
-        case.case_id,
-        normalize_hu(case.image, data_config),
-        case.label,
-        {int(k): group for k, group in zip(present, groups, strict=True)},
+        case_id, image, label, {int(k): group for k, group in zip(present, groups, strict=True)}
     )
 
 
-def read_prepared_case(files: CaseFiles, config: ml_collections.ConfigDict) -> PreparedCase:
-    """Read a case from disk and prepare it for sampling."""
-    case = load_case(files, config.model.num_classes)
-    return prepare_case(case, config.data, str(files.label))
+def prepare_case(case: Case, data_config: ml_collections.ConfigDict, path: str) -> PreparedCase:
+    """Normalise the intensities of an in-memory case with the fixed HU window and index it."""
+    return index_case(case.case_id, normalize_hu(case.image, data_config), case.label, path)
+
+
+def read_prepared_case(case: CachedCase) -> PreparedCase:
+    """A preprocessed case, memory-mapped from the cache and indexed for sampling."""
+    image, label = load_cached(case)
+    return index_case(case.case_id, image, label, str(case.label))
 
 
 def crop_centre(
@@ -82,15 +85,16 @@ class PyramidExampleSampler:
 
     def __init__(
         self,
-        files: Sequence[CaseFiles],
+        cases: Sequence[CachedCase],
         config: ml_collections.ConfigDict,
+        plan: Plan,
         preloaded: dict[str, PreparedCase] | None = None,
     ) -> None:
-        """Sample from `files`; `preloaded` cases are used instead of reading them again."""
-        self._files = list(files)
+        """Sample from preprocessed `cases`; `preloaded` ones are not read again."""
+        self._files = list(cases)
         self._config = config
         self._batch_size = config.train.batch_size
-        self._pad_value = normalized_pad_value(config.data)
+        self._pad_value = plan.pad_value
         self._cache: dict[str, PreparedCase] = dict(preloaded or {})
         self._lock = threading.Lock()
 
@@ -116,7 +120,7 @@ class PyramidExampleSampler:
         files = self._files[index]
         with self._lock:
             if files.case_id not in self._cache:
-                self._cache[files.case_id] = read_prepared_case(files, self._config)
+                self._cache[files.case_id] = read_prepared_case(files)
             return self._cache[files.case_id]
 
     def __call__(self, example: int) -> dict[str, np.ndarray]:
