@@ -77,6 +77,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.intensity_scale = 0.05  # multiply by U(1 - a, 1 + a)
     config.augment.intensity_shift = 0.05  # add U(-b, b), in normalised units
     config.augment.noise_std = 0.05  # add N(0, U(0, s)^2) noise
+    # Gamma exp(U(-g, g)) on each example's intensity range, also with `probability`.
+    config.augment.gamma = 0.1
+    # Spatial augmentation in the input pipeline: one transform per example, one
+    # resampling of the region the coarsest level sees (data/augment.py).
+    config.augment.rotation_probability = 0.2
+    config.augment.rotation_degrees = 10.0  # about each axis, U(-a, a)
+    config.augment.scale_probability = 0.2
+    config.augment.scale = 0.1  # zoom by U(1 - a, 1 + a)
+    config.augment.translation_probability = 0.2
+    config.augment.translation_voxels = 4.0  # shift the centre by U(-a, a) native voxels
+    config.augment.elastic_probability = 0.1
+    config.augment.elastic_voxels = 2.0  # std of the control-point displacements
+    config.augment.elastic_control_points = 4  # per axis, over the coarsest region
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 600

@@ -197,11 +197,14 @@ def test_foreground_zscore_statistics_are_stored_with_the_cache(tmp_path):
     assert preprocess.Plan.from_json(saved) == plan
 
 
-def test_a_bad_case_stops_preprocessing_or_is_skipped_with_a_warning(tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_bad_case_stops_preprocessing_or_is_skipped_with_a_warning(tmp_path, workers):
     root = _msd(tmp_path / "data", ["a", "b"])
     bad = root / "labelsTr" / "b.nii.gz"
     nib.save(nib.Nifti1Image(np.zeros((20, 16, 12), np.uint8), np.diag([2.0, 2.0, 3.0, 1.0])), bad)
     config = _config(root, tmp_path)
+    # In worker processes too, the error reaches the caller with the file's name.
+    config.data.preprocess_workers = workers
     files = dataset_lib.list_cases(root)
     with pytest.raises(DatasetError, match=r"b\.nii\.gz: the label map has no foreground"):
         preprocess.ensure_preprocessed(config, files, files[:1])

@@ -86,6 +86,12 @@ def test_each_batch_draws_from_different_volumes(preprocessed, tiny_config):
 def test_crops_are_centred_on_foreground(preprocessed, tiny_config):
     tiny_config.pyramid.levels = 1
     tiny_config.data.centre_sampling = "foreground"
+    # Rotation and scaling keep the centre voxel where it is; translation and elastic
+    # deformation move it on purpose.
+    for part in ("rotation", "scale"):
+        tiny_config.augment[f"{part}_probability"] = 0.5
+    tiny_config.augment.translation_probability = 0.0
+    tiny_config.augment.elastic_probability = 0.0
     sampler = _sampler(preprocessed, tiny_config)
     for example in range(12):
         label = sampler(example)["label"][0]

@@ -17,6 +17,7 @@ from absl import flags
 import ml_collections
 import numpy as np
 
+from autocontext_jax.data.augment import augmented_pyramid_crops, sample_spatial_transform
 from autocontext_jax.data.dataset import Case, DatasetError
 from autocontext_jax.data.intensity import normalize_hu
 from autocontext_jax.data.preprocess import CachedCase, Plan, load_cached
@@ -128,15 +129,19 @@ class PyramidExampleSampler:
         step, slot = divmod(int(example), self._batch_size)
         case = self._case(int(self.cases_for_step(step)[slot]))
         rng = np.random.default_rng([self._config.seed, step, slot, 1])
-        return pyramid_crops(
-            case.image,
-            case.label,
-            crop_centre(rng, case, self._config.data.centre_sampling),
+        centre = crop_centre(rng, case, self._config.data.centre_sampling)
+        # Its own generator: switching augmentation on or off keeps the crop centres.
+        augment_rng = np.random.default_rng([self._config.seed, step, slot, 2])
+        transform = sample_spatial_transform(augment_rng, self._config.augment)
+        sizes = (
             self._config.data.crop_size,
             self._config.pyramid.levels,
             self._config.model.num_classes,
             self._pad_value,
         )
+        if transform is None:
+            return pyramid_crops(case.image, case.label, centre, *sizes)
+        return augmented_pyramid_crops(case.image, case.label, centre, transform, *sizes)
 
 
 @dataclasses.dataclass(frozen=True)
