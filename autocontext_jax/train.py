@@ -312,8 +312,17 @@ def train_loop(
     batches: Iterator[Batch],
     manager: checkpointing.ocp.CheckpointManager,
     rng: jax.Array,
+    pipeline_state: Callable[[int], dict] | None = None,
 ) -> TrainState:
-    """Run the steps from state.step to train.steps, logging and checkpointing as configured."""
+    """Run the steps from state.step to train.steps, logging and checkpointing as configured.
+
+    `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
+    checkpoint of step k.
+    """
+
+    def save_args(state: TrainState, step: int):
+        return checkpointing.save_args(state, pipeline_state(step) if pipeline_state else {})
+
     start_step = int(state.step)
     progress = tqdm.tqdm(
         total=config.train.steps,
@@ -326,7 +335,7 @@ def train_loop(
     for step in range(start_step + 1, config.train.steps + 1):
         state, metrics = train_step(state, next(batches), rng)
         if step % config.train.checkpoint_every == 0:
-            manager.save(step, args=checkpointing.ocp.args.StandardSave(state))
+            manager.save(step, args=save_args(state, step))
         progress.update(1)
         if step % config.train.log_every == 0 or step == config.train.steps:
             # The only host synchronisation of the loop.
@@ -341,7 +350,7 @@ def train_loop(
                 _log_metrics(workdir / "metrics.jsonl", step, values)
     progress.close()
     if manager.latest_step() != int(state.step):
-        manager.save(int(state.step), args=checkpointing.ocp.args.StandardSave(state), force=True)
+        manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
     manager.wait_until_finished()
     return state
 
@@ -365,15 +374,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, restored_step = checkpointing.restore_latest(manager, state)
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
-    batches = prefetch_to_device(
-        train_batches(
-            sampler, config, restored_step or 0, jax.process_index(), jax.process_count()
-        ),
-        parallel.batch_sharded(mesh),
+    saved_pipeline = None
+    if restored_step is not None:
+        saved_pipeline = checkpointing.restore_pipeline_state(manager, restored_step)
+    host_batches = train_batches(
+        sampler,
+        config,
+        restored_step or 0,
+        jax.process_index(),
+        jax.process_count(),
+        saved_state=saved_pipeline,
     )
+    batches = prefetch_to_device(host_batches, parallel.batch_sharded(mesh))
     train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     rng = jax.device_put(jax.random.key(config.seed + 1), parallel.replicated(mesh))
-    state = train_loop(config, workdir_path, state, train_step, batches, manager, rng)
+    state = train_loop(
+        config, workdir_path, state, train_step, batches, manager, rng, host_batches.state_at
+    )
 
     result: dict[str, Any] = {"step": int(state.step)}
     if config.eval.at_end and val_files:

@@ -1,6 +1,7 @@
 """Aligned pyramid crops and the Grain pipeline that serves them."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -160,3 +161,26 @@ def test_class_balanced_centres_visit_small_structures_as_often_as_large_ones(ti
     # Uniform over foreground voxels: the single vessel voxel is almost never the centre.
     assert np.bincount(uniform, minlength=8)[1] < 10
     assert np.bincount(uniform, minlength=8)[0] == 0
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_saved_pipeline_state_resumes_with_the_batches_of_an_uninterrupted_run(
+    preprocessed, tiny_config, workers
+):
+    tiny_config.train.steps = 5
+    tiny_config.data.worker_count = workers
+    full = list(train_batches(_sampler(preprocessed, tiny_config), tiny_config, 0))
+    first = train_batches(_sampler(preprocessed, tiny_config), tiny_config, 0)
+    for _ in range(4):  # the train loop reads ahead of the step it checkpoints
+        next(first)
+    # Through JSON, as the checkpoint stores it.
+    saved = json.loads(json.dumps(first.state_at(2)))
+    assert saved["grain"] is not None and saved["next_step"] == 2
+    resumed = train_batches(_sampler(preprocessed, tiny_config), tiny_config, 2, saved_state=saved)
+    rest = list(resumed)
+    assert len(rest) == 3
+    for a, b in zip(full[2:], rest, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # It continued the saved Grain iterator rather than starting a new one at step 2.
+    assert resumed.state_at(5)["first_step"] == 0

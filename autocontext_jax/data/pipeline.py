@@ -8,6 +8,7 @@ and draws exactly the batches an uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
@@ -158,20 +159,86 @@ class LocalToGlobalExample:
         return step * self.global_batch + self.first_slot + slot
 
 
+class ResumableBatches:
+    """This process's batches, remembering the Grain state after each recent one.
+
+    The train loop reads ahead of the step it runs (device prefetch), so the state to save
+    with step k's checkpoint is the one after the k-th batch, not the iterator's current one.
+    """
+
+    def __init__(
+        self, iterator: grain.DatasetIterator, first_step: int, next_step: int, worker_count: int
+    ) -> None:
+        """Wrap `iterator` over a dataset starting at `first_step`, now at `next_step`."""
+        self._iterator = iterator
+        self._first_step = first_step
+        self._worker_count = worker_count
+        self._next_step = next_step
+        self._states: collections.OrderedDict[int, dict] = collections.OrderedDict()
+
+    def __iter__(self) -> ResumableBatches:
+        """The iterator itself."""
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """The next batch."""
+        batch = next(self._iterator)
+        self._next_step += 1
+        self._states[self._next_step] = self._iterator.get_state()
+        while len(self._states) > _KEPT_STATES:
+            self._states.popitem(last=False)
+        return batch
+
+    def state_at(self, step: int) -> dict:
+        """The JSON-serialisable state of the pipeline once step `step`'s batch was drawn."""
+        if step == self._first_step:
+            grain_state = None
+        elif step in self._states:
+            grain_state = self._states[step]
+        else:
+            raise KeyError(f"the pipeline state at step {step} is no longer kept")
+        return {
+            "first_step": self._first_step,
+            "next_step": step,
+            "worker_count": self._worker_count,
+            "grain": grain_state,
+        }
+
+
+# More than the device prefetch reads ahead of the running step.
+_KEPT_STATES = 16
+
+
 def train_batches(
     sampler: PyramidExampleSampler,
     config: ml_collections.ConfigDict,
     start_step: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of the global batches of steps start_step .. train.steps - 1."""
+    saved_state: dict | None = None,
+) -> ResumableBatches:
+    """This process's share of the global batches of steps start_step .. train.steps - 1.
+
+    With the `saved_state` of a checkpoint at `start_step` the Grain iterator is restored
+    from it; without one (or when the worker count changed, which changes Grain's state)
+    the pipeline starts at `start_step`. Both give the same batches: batch k is a pure
+    function of (seed, k).
+    """
+    first_step = start_step
+    usable = (
+        saved_state is not None
+        and saved_state.get("next_step") == start_step
+        and saved_state.get("worker_count") == config.data.worker_count
+        and saved_state.get("grain") is not None
+    )
+    if usable:
+        first_step = saved_state["first_step"]
     local_batch = config.train.batch_size // process_count
     to_global = LocalToGlobalExample(
         config.train.batch_size, local_batch, process_index * local_batch
     )
     dataset = (
-        grain.MapDataset.range(start_step * local_batch, config.train.steps * local_batch)
+        grain.MapDataset.range(first_step * local_batch, config.train.steps * local_batch)
         .map(to_global)
         .map(sampler)
         .batch(local_batch, drop_remainder=True)
@@ -187,4 +254,7 @@ def train_batches(
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.data.worker_count)
         )
-    return iter(iter_dataset)
+    iterator = iter(iter_dataset)
+    if usable:
+        iterator.set_state(saved_state["grain"])
+    return ResumableBatches(iterator, first_step, start_step, config.data.worker_count)
