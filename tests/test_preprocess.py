@@ -260,3 +260,20 @@ def test_the_totalsegmentator_example_preprocesses_and_trains_from_the_command_l
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     assert all(np.isfinite(json.loads(line)["loss"]) for line in lines)
+
+
+def test_evaluation_predicts_on_the_plan_grid_and_scores_on_the_scan_grid(tmp_path):
+    from autocontext_jax import evaluate, train
+    from autocontext_jax.models import build_pyramid
+
+    root = _msd(tmp_path / "data", ["a"])
+    config = _config(root, tmp_path)
+    # Coarser than the scan (2, 2, 3 mm), so prediction runs on a smaller grid.
+    config.data.target_spacing = (4.0, 4.0, 4.0)
+    files = dataset_lib.list_cases(root)
+    preprocess.ensure_preprocessed(config, files, files)
+    model = build_pyramid(config)
+    variables = train.init_variables(model, 0)
+    result = evaluate.evaluate_cases(model, variables, files, config)
+    scores = np.asarray(result["dice"]["level_2"])
+    assert scores.shape == (1, 7) and np.all((scores >= 0) & (scores <= 1))

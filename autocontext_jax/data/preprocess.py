@@ -19,6 +19,7 @@ import json
 import multiprocessing
 import os
 import pathlib
+import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -121,6 +122,14 @@ def load_cached(case: CachedCase) -> tuple[np.ndarray, np.ndarray]:
     return np.load(case.image, mmap_mode="r"), np.load(case.label, mmap_mode="r")
 
 
+def load_plan(data_config: ml_collections.ConfigDict) -> Plan:
+    """The plan stored with the cache of `data_config`'s dataset."""
+    path = cache_dir(data_config) / "plan.json"
+    if not path.is_file():
+        raise DatasetError(f"{path}: no preprocessing plan; run autocontext_jax.preprocess first")
+    return Plan.from_json(json.loads(path.read_text())["plan"])
+
+
 def read_geometry(case: CachedCase) -> Geometry:
     """The geometry stored with a cached case."""
     return Geometry.from_json(json.loads(case.meta.read_text())["geometry"])
@@ -198,9 +207,10 @@ def resample_labels(labels: np.ndarray, new_shape: Sequence[int], method: str) -
 # ------------------------------------------------------------------ the transform and its inverse
 
 
-def _preprocess_voxels(
+def preprocess_canonical(
     hu: np.ndarray, geometry: Geometry, plan: Plan
 ) -> tuple[np.ndarray, Geometry]:
+    """`preprocess_image` for a scan already read and reoriented (dataset.load_case)."""
     new_shape, new_spacing = target_grid(hu.shape, geometry.spacing, plan.target_spacing)
     image = plan.normalize(resample_image(hu, new_shape, plan.image_order))
     return image, dataclasses.replace(
@@ -220,7 +230,7 @@ def preprocess_image(
     """
     image = checked_3d(image, path)
     canonical, data = canonical_voxels(image, path)
-    return _preprocess_voxels(finite_hu(data, path), image_geometry(image, canonical), plan)
+    return preprocess_canonical(finite_hu(data, path), image_geometry(image, canonical), plan)
 
 
 def labels_to_original(labels: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -258,7 +268,7 @@ def preprocess_case(
 ) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """The normalised image, remapped labels and geometry of a case on the plan's grid."""
     case = load_case(files, num_classes, data_config.label_map, data_config.unmapped_labels)
-    image, geometry = _preprocess_voxels(case.image, case.geometry, plan)
+    image, geometry = preprocess_canonical(case.image, case.geometry, plan)
     label = resample_labels(case.label, geometry.preprocessed_shape, plan.label_interpolation)
     if not label.any():
         raise DatasetError(f"{files.label}: the label map has no foreground voxel")
@@ -381,7 +391,8 @@ def _case_stamp(files: CaseFiles, plan: Plan, config: ml_collections.ConfigDict)
 
 
 def _atomic_write(path: pathlib.Path, write: Callable[[Any], None], mode: str) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    # Unique per writer: several hosts of one run may preprocess into a shared folder.
+    temporary = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     with open(temporary, mode) as stream:
         write(stream)
         stream.flush()
