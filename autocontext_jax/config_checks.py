@@ -121,6 +121,13 @@ def _check_preprocessing(data: ml_collections.ConfigDict, num_classes: int) -> N
         data.unmapped_labels,
         f"one of {UNMAPPED_LABELS}",
     )
+    weights = tuple(data.class_sampling_weights)
+    _require(
+        weights == () or (len(weights) == num_classes and all(w >= 0 for w in weights)),
+        "data.class_sampling_weights",
+        data.class_sampling_weights,
+        f"() for uniform, or {num_classes} non-negative weights, one per model class",
+    )
     spacing = tuple(data.target_spacing)
     _require(
         spacing == () or (len(spacing) == 3 and all(s > 0 for s in spacing)),

@@ -39,6 +39,9 @@ def get_config() -> ml_collections.ConfigDict:
     # Crop centres: a uniform foreground voxel (`foreground`, the paper), or a voxel of a
     # class drawn uniformly among those present (`class_balanced`: small structures too).
     config.data.centre_sampling = "class_balanced"
+    # class_balanced only: one weight per model class (index 0 unused) to oversample some
+    # structures, e.g. (0, 2, 2, 1, 1, 1, 1, 2) for vessels and pancreas; () = uniform.
+    config.data.class_sampling_weights = ()
     # Edge of the cubic crop, in voxels, that every pyramid level sees.
     config.data.crop_size = 24
     # `window`: the fixed Hounsfield window, then (HU - mean) / std. `foreground_zscore`:

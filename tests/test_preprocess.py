@@ -226,7 +226,10 @@ def test_label_ids_outside_the_label_map_are_named_when_strict(tmp_path):
 
 @pytest.mark.skipif(not TOTALSEG.is_dir(), reason="the shared TotalSegmentator example is absent")
 def test_the_totalsegmentator_example_is_remapped_to_the_paper_classes(tmp_path):
+    from autocontext_jax.config_checks import validate_config
+
     config = load_config("totalseg_example")
+    validate_config(config, 1)
     config.data.cache_dir = str(tmp_path / "cache")
     files = dataset_lib.list_dataset(config.data)
     plan, cached = preprocess.ensure_preprocessed(config, files, files)
@@ -277,3 +280,24 @@ def test_evaluation_predicts_on_the_plan_grid_and_scores_on_the_scan_grid(tmp_pa
     result = evaluate.evaluate_cases(model, variables, files, config)
     scores = np.asarray(result["dice"]["level_2"])
     assert scores.shape == (1, 7) and np.all((scores >= 0) & (scores <= 1))
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("normalization", "percentile"),
+        ("label_interpolation", "cubic"),
+        ("image_interpolation_order", 2),
+        ("unmapped_labels", "ignore"),
+        ("target_spacing", (1.0, 0.0, 1.0)),
+        ("label_map", ((52, 8),)),
+        ("class_sampling_weights", (1.0, 2.0)),
+    ],
+)
+def test_bad_data_fields_are_refused_by_name(field, value):
+    from autocontext_jax.config_checks import ConfigError, validate_config
+
+    config = make_tiny_config()
+    config.data[field] = value
+    with pytest.raises(ConfigError, match=f"config.data.{field}="):
+        validate_config(config, 1)

@@ -184,3 +184,15 @@ def test_a_saved_pipeline_state_resumes_with_the_batches_of_an_uninterrupted_run
         np.testing.assert_array_equal(a["label"], b["label"])
     # It continued the saved Grain iterator rather than starting a new one at step 2.
     assert resumed.state_at(5)["first_step"] == 0
+
+
+def test_class_weights_oversample_the_classes_they_favour(tiny_config):
+    from autocontext_jax.data.pipeline import crop_centre, prepare_case
+
+    case = prepare_case(_case_with_classes(), tiny_config.data, "c")
+    rng = np.random.default_rng(0)
+    weights = (0, 3, 0, 1, 0, 0, 0, 0)  # vessel three times the liver, gallbladder never
+    draws = [case.label[crop_centre(rng, case, "class_balanced", weights)] for _ in range(4000)]
+    counts = np.bincount(draws, minlength=8)
+    assert counts[6] == 0
+    assert counts[1] / counts[3] == pytest.approx(3.0, rel=0.15)

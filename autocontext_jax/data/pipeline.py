@@ -62,18 +62,26 @@ def read_prepared_case(case: CachedCase) -> PreparedCase:
 
 
 def crop_centre(
-    rng: np.random.Generator, case: PreparedCase, strategy: str
+    rng: np.random.Generator,
+    case: PreparedCase,
+    strategy: str,
+    class_weights: Sequence[float] = (),
 ) -> tuple[int, int, int]:
     """A foreground voxel to centre the crops on.
 
     `foreground`: uniform over all foreground voxels (the paper). `class_balanced`: first a
-    class uniformly among those present, then one of its voxels, so that small structures
-    (vessels, gallbladder, pancreas) are seen as often as the liver.
+    class among those present, then one of its voxels, so that small structures (vessels,
+    gallbladder, pancreas) are seen as often as the liver; the class is drawn uniformly, or
+    in proportion to `class_weights[k]` (one weight per model class) to oversample some.
     """
     if strategy == "class_balanced":
         classes = sorted(case.class_voxels)
-        voxels = case.class_voxels[classes[rng.integers(len(classes))]]
-        return foreground_centre(rng, voxels)
+        weights = np.array([class_weights[k] for k in classes]) if class_weights else None
+        if weights is None or weights.sum() <= 0:
+            chosen = classes[rng.integers(len(classes))]
+        else:
+            chosen = classes[rng.choice(len(classes), p=weights / weights.sum())]
+        return foreground_centre(rng, case.class_voxels[chosen])
     index = int(rng.integers(sum(len(v) for v in case.class_voxels.values())))
     for voxels in case.class_voxels.values():
         if index < len(voxels):
@@ -130,7 +138,8 @@ class PyramidExampleSampler:
         step, slot = divmod(int(example), self._batch_size)
         case = self._case(int(self.cases_for_step(step)[slot]))
         rng = np.random.default_rng([self._config.seed, step, slot, 1])
-        centre = crop_centre(rng, case, self._config.data.centre_sampling)
+        data = self._config.data
+        centre = crop_centre(rng, case, data.centre_sampling, data.class_sampling_weights)
         # Its own generator: switching augmentation on or off keeps the crop centres.
         augment_rng = np.random.default_rng([self._config.seed, step, slot, 2])
         transform = sample_spatial_transform(augment_rng, self._config.augment)
