@@ -214,6 +214,19 @@ def test_a_bad_case_stops_preprocessing_or_is_skipped_with_a_warning(tmp_path, w
     assert sorted(cached) == ["a"]
 
 
+def test_an_unreadable_training_scan_is_named_or_skipped_while_planning(tmp_path):
+    root = _msd(tmp_path / "data", ["a", "b"])
+    (root / "imagesTr" / "b_0000.nii.gz").write_bytes(b"not a nifti file")
+    config = _config(root, tmp_path)
+    files = dataset_lib.list_cases(root)
+    with pytest.raises(DatasetError, match=r"b_0000\.nii\.gz: cannot read as NIfTI"):
+        preprocess.ensure_preprocessed(config, files, files)
+    config.data.skip_bad_cases = True
+    with pytest.warns(UserWarning, match=r"case b: .*b_0000\.nii\.gz: cannot read"):
+        plan, cached = preprocess.ensure_preprocessed(config, files, files)
+    assert sorted(cached) == ["a"] and plan.target_spacing == (2.0, 2.0, 3.0)
+
+
 def test_label_ids_outside_the_label_map_are_named_when_strict(tmp_path):
     root = _msd(tmp_path / "data", ["a"])
     config = _config(root, tmp_path)

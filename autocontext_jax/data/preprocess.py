@@ -316,8 +316,17 @@ def make_plan(
     if data.target_spacing:
         target = tuple(float(s) for s in data.target_spacing)
     else:
-        spacings = np.array([canonical_spacing(f.image) for f in train_files])
-        target = tuple(float(s) for s in np.median(spacings, axis=0))
+        spacings = []
+        for files in train_files:
+            try:
+                spacings.append(canonical_spacing(files.image))
+            except DatasetError:
+                # Preprocessing the case reports it (or skips it) with the same message.
+                if not data.skip_bad_cases:
+                    raise
+        if not spacings:
+            raise DatasetError("no training case has a readable header to take a spacing from")
+        target = tuple(float(s) for s in np.median(np.array(spacings), axis=0))
     if data.normalization == "window":
         clip = tuple(float(c) for c in data.intensity_clip)
         mean, std = float(data.intensity_mean), float(data.intensity_std)
