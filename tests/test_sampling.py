@@ -163,7 +163,8 @@ def test_class_balanced_centres_visit_small_structures_as_often_as_large_ones(ti
     assert np.bincount(uniform, minlength=8)[0] == 0
 
 
-@pytest.mark.parametrize("workers", [0, 2])
+# Two worker processes start three times: slow on a busy CPU.
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
 def test_a_saved_pipeline_state_resumes_with_the_batches_of_an_uninterrupted_run(
     preprocessed, tiny_config, workers
 ):
