@@ -7,6 +7,7 @@ import os
 import pathlib
 from typing import Any
 
+import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -36,6 +37,14 @@ def make_manager(
     return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options)
 
 
+def save_args(state: Any, pipeline_state: dict) -> ocp.args.Composite:
+    """What a checkpoint holds: the train state and, per process, the input pipeline's state."""
+    return ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        pipeline=grain.checkpoint.CheckpointSave(_PipelineState(pipeline_state)),
+    )
+
+
 def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, int | None]:
     """Restore the newest checkpoint into the structure, shapes and shardings of `target`.
 
@@ -45,8 +54,43 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
     if step is None:
         return target, None
     abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
-    restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
-    return restored, step
+    restored = manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    )
+    return restored.state, step
+
+
+def restore_pipeline_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
+    """The input pipeline state of this process saved at `step`, or None without one."""
+    if not (pathlib.Path(manager.directory) / str(step) / "pipeline").is_dir():
+        return None
+    holder = _PipelineState({})
+    manager.restore(
+        step, args=ocp.args.Composite(pipeline=grain.checkpoint.CheckpointRestore(holder))
+    )
+    return holder.state
+
+
+class _PipelineState:
+    """The saved pipeline state in the shape Grain's checkpoint handler reads and writes.
+
+    The handler stores get_state()'s bytes in one JSON file per process and hands them
+    back to set_state(); the state itself comes from data.pipeline.ResumableBatches.
+    """
+
+    def __init__(self, state: dict) -> None:
+        self.state = state
+
+    def get_state(self) -> bytes:
+        """The state as JSON bytes."""
+        return json.dumps(self.state).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Take the state from JSON bytes."""
+        self.state = json.loads(state)
+
+    def start_prefetch(self) -> None:
+        """Nothing to prefetch: the handler calls this after a restore."""
 
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:

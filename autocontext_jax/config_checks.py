@@ -12,6 +12,9 @@ from autocontext_jax.models.pyramid import CONTEXT_MODES
 MAX_PYRAMID_LEVELS = 4
 SCHEDULES = ("constant", "cosine")
 CENTRE_SAMPLING = ("foreground", "class_balanced")
+NORMALIZATIONS = ("window", "foreground_zscore")
+LABEL_INTERPOLATIONS = ("linear_argmax", "nearest")
+UNMAPPED_LABELS = ("background", "error")
 
 
 class ConfigError(ValueError):
@@ -94,3 +97,58 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     )
     _require(data.worker_count >= 0, "data.worker_count", data.worker_count, "must be >= 0")
     _require(data.intensity_std > 0, "data.intensity_std", data.intensity_std, "must be > 0")
+    _check_preprocessing(data, model.num_classes)
+
+
+def _check_preprocessing(data: ml_collections.ConfigDict, num_classes: int) -> None:
+    _require(
+        data.normalization in NORMALIZATIONS,
+        "data.normalization",
+        data.normalization,
+        f"one of {NORMALIZATIONS}",
+    )
+    _require(
+        data.label_interpolation in LABEL_INTERPOLATIONS,
+        "data.label_interpolation",
+        data.label_interpolation,
+        f"one of {LABEL_INTERPOLATIONS}",
+    )
+    _require(
+        data.image_interpolation_order in (1, 3),
+        "data.image_interpolation_order",
+        data.image_interpolation_order,
+        "1 (linear) or 3 (cubic)",
+    )
+    _require(
+        data.unmapped_labels in UNMAPPED_LABELS,
+        "data.unmapped_labels",
+        data.unmapped_labels,
+        f"one of {UNMAPPED_LABELS}",
+    )
+    weights = tuple(data.class_sampling_weights)
+    _require(
+        weights == () or (len(weights) == num_classes and all(w >= 0 for w in weights)),
+        "data.class_sampling_weights",
+        data.class_sampling_weights,
+        f"() for uniform, or {num_classes} non-negative weights, one per model class",
+    )
+    spacing = tuple(data.target_spacing)
+    _require(
+        spacing == () or (len(spacing) == 3 and all(s > 0 for s in spacing)),
+        "data.target_spacing",
+        data.target_spacing,
+        "() for the median spacing, or three positive sizes in mm",
+    )
+    for pair in data.label_map:
+        _require(
+            len(pair) == 2 and pair[0] >= 0 and 0 <= pair[1] < num_classes,
+            "data.label_map",
+            pair,
+            f"pairs (dataset id >= 0, model class in 0..{num_classes - 1})",
+        )
+    _require(
+        data.preprocess_workers >= 0,
+        "data.preprocess_workers",
+        data.preprocess_workers,
+        "must be >= 0",
+    )

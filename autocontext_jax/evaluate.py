@@ -16,6 +16,7 @@ import numpy as np
 import tqdm
 
 from autocontext_jax.data import dataset as dataset_lib
+from autocontext_jax.data import preprocess
 from autocontext_jax.data.intensity import normalize_hu, normalized_pad_value
 from autocontext_jax.data.labels import class_names
 from autocontext_jax.data.sampling import box_downsample
@@ -57,12 +58,24 @@ def _predict_labels(
 
 
 def predict_levels(
-    model: nn.Module, variables: Any, image_hu: np.ndarray, config: ml_collections.ConfigDict
+    model: nn.Module,
+    variables: Any,
+    image_hu: np.ndarray,
+    config: ml_collections.ConfigDict,
+    plan: preprocess.Plan | None = None,
 ) -> list[np.ndarray]:
-    """Label maps of every pyramid level for a whole canonical HU volume, at its own grid."""
+    """Label maps of every pyramid level for a whole volume, at its own grid.
+
+    Without a `plan`, `image_hu` is a canonical HU volume normalised with the config's
+    window; with one, it is already preprocessed by that plan.
+    """
     multiple = 2**config.pyramid.levels * 2**config.model.num_poolings
-    pad_value = normalized_pad_value(config.data)
-    padded = pad_to_multiple(normalize_hu(image_hu, config.data), multiple, pad_value)
+    if plan is None:
+        pad_value = normalized_pad_value(config.data)
+        image = normalize_hu(image_hu, config.data)
+    else:
+        pad_value, image = plan.pad_value, image_hu
+    padded = pad_to_multiple(image, multiple, pad_value)
     images = pyramid_volumes(padded, config.pyramid.levels)
     labels = _predict_labels(model, variables, images, padded.shape)
     x, y, z = image_hu.shape
@@ -88,9 +101,15 @@ def evaluate_cases(
     """Per-case, per-level, per-class Dice of the pyramid on `files`."""
     num_classes = config.model.num_classes
     per_level: list[list[list[float]]] = [[] for _ in range(config.pyramid.levels)]
+    # The transform training used; Dice is taken on the scan's own (canonical) grid.
+    plan = preprocess.load_plan(config.data)
     for case_files in tqdm.tqdm(files, desc="evaluate", leave=False):
-        case = dataset_lib.load_case(case_files, num_classes)
-        for level, labels in enumerate(predict_levels(model, variables, case.image, config)):
+        case = dataset_lib.load_case(
+            case_files, num_classes, config.data.label_map, config.data.unmapped_labels
+        )
+        image, geometry = preprocess.preprocess_canonical(case.image, case.geometry, plan)
+        for level, labels in enumerate(predict_levels(model, variables, image, config, plan)):
+            labels = preprocess.resample_labels(labels, geometry.canonical_shape, "linear_argmax")
             per_level[level].append(dice_per_class(labels, case.label, num_classes).tolist())
     return {
         "case_ids": [f.case_id for f in files],

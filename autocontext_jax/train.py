@@ -23,8 +23,9 @@ import tqdm
 from autocontext_jax import checkpointing, evaluate, parallel
 from autocontext_jax.config_checks import validate_config
 from autocontext_jax.data import dataset as dataset_lib
-from autocontext_jax.data import phantom
+from autocontext_jax.data import phantom, preprocess
 from autocontext_jax.data.pipeline import (
+    PreparedCase,
     PyramidExampleSampler,
     read_prepared_case,
     train_batches,
@@ -103,10 +104,11 @@ def count_parameters(tree: Any) -> int:
 def augment_intensity(
     rng: jax.Array, image: jax.Array, augment: ml_collections.ConfigDict
 ) -> jax.Array:
-    """Random per-example intensity scale, shift and noise of (B, S, D, H, W, C) images.
+    """Random per-example gamma, intensity scale, shift and noise of (B, S, D, H, W, C) images.
 
-    Scale and shift are shared by the levels of an example (one anatomy, one scanner);
-    each is applied with probability `augment.probability`.
+    Gamma, scale and shift are shared by the levels of an example (one anatomy, one
+    scanner); each is applied with probability `augment.probability`. Gamma acts on the
+    example's own intensity range, mapped to [0, 1] and back.
     """
     batch = image.shape[0]
     keys = jax.random.split(rng, 6)
@@ -121,6 +123,15 @@ def augment_intensity(
     shift = draw(keys[2], keys[3], -augment.intensity_shift, augment.intensity_shift, 0.0)
     noise_std = draw(keys[4], keys[5], 0.0, augment.noise_std, 0.0)
     noise = jax.random.normal(jax.random.fold_in(rng, 1), image.shape, image.dtype)
+    if augment.gamma > 0:
+        # Its own keys, so the draws above stay what they were without gamma.
+        gamma_keys = jax.random.split(jax.random.fold_in(rng, 2), 2)
+        log_gamma = draw(*gamma_keys, -augment.gamma, augment.gamma, 0.0)
+        axes = tuple(range(1, image.ndim))
+        low = jnp.min(image, axis=axes, keepdims=True)
+        span = jnp.max(image, axis=axes, keepdims=True) - low + 1e-6
+        gamma_image = ((image - low) / span) ** jnp.exp(log_gamma) * span + low
+        image = jnp.where(log_gamma == 0.0, image, gamma_image)
     return image * scale + shift + noise * noise_std
 
 
@@ -239,11 +250,11 @@ def ensure_dataset(data_config: ml_collections.ConfigDict) -> pathlib.Path:
     return data_dir
 
 
-def load_prepared(files: list[dataset_lib.CaseFiles], config: ml_collections.ConfigDict):
-    """Read and prepare every case once, so bad files are reported before training."""
+def load_prepared(cases: list[preprocess.CachedCase]) -> dict[str, PreparedCase]:
+    """Memory-map and index every preprocessed training case once."""
     return {
-        f.case_id: read_prepared_case(f, config)
-        for f in tqdm.tqdm(files, desc="reading cases", leave=False, disable=len(files) < 8)
+        c.case_id: read_prepared_case(c)
+        for c in tqdm.tqdm(cases, desc="reading cases", leave=False, disable=len(cases) < 8)
     }
 
 
@@ -261,17 +272,25 @@ def _log_metrics(path: pathlib.Path, step: int, metrics: dict[str, float]) -> No
 def prepare_data(
     config: ml_collections.ConfigDict, workdir: pathlib.Path
 ) -> tuple[PyramidExampleSampler, list[dataset_lib.CaseFiles]]:
-    """The training sampler and the held-out cases; the split is written to the workdir."""
-    files = dataset_lib.list_cases(ensure_dataset(config.data))
+    """The training sampler and the held-out cases; the split is written to the workdir.
+
+    Cases are preprocessed into the cache first when it is missing or stale.
+    """
+    ensure_dataset(config.data)
+    files = dataset_lib.list_dataset(config.data)
     train_files, val_files = dataset_lib.split_cases(files, config.data.num_val_cases, config.seed)
+    plan, cached = preprocess.ensure_preprocessed(config, files, train_files)
+    # Cases skipped as bad (data.skip_bad_cases) drop out of both sides of the split.
+    train_cases = [cached[f.case_id] for f in train_files if f.case_id in cached]
+    if not train_cases:
+        raise dataset_lib.DatasetError("no usable training case is left after skipping bad ones")
+    val_files = [f for f in val_files if f.case_id in cached]
     if jax.process_index() == 0:
-        split = {"train": [f.case_id for f in train_files], "val": [f.case_id for f in val_files]}
+        split = {"train": [c.case_id for c in train_cases], "val": [f.case_id for f in val_files]}
         (workdir / "split.json").write_text(json.dumps(split, indent=2) + "\n")
-    prepared = load_prepared(train_files, config)
     # Worker processes read their own copies; only an in-process pipeline shares these.
-    sampler = PyramidExampleSampler(
-        train_files, config, preloaded=prepared if config.data.worker_count == 0 else None
-    )
+    preloaded = load_prepared(train_cases) if config.data.worker_count == 0 else None
+    sampler = PyramidExampleSampler(train_cases, config, plan, preloaded=preloaded)
     return sampler, val_files
 
 
@@ -293,8 +312,17 @@ def train_loop(
     batches: Iterator[Batch],
     manager: checkpointing.ocp.CheckpointManager,
     rng: jax.Array,
+    pipeline_state: Callable[[int], dict] | None = None,
 ) -> TrainState:
-    """Run the steps from state.step to train.steps, logging and checkpointing as configured."""
+    """Run the steps from state.step to train.steps, logging and checkpointing as configured.
+
+    `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
+    checkpoint of step k.
+    """
+
+    def save_args(state: TrainState, step: int):
+        return checkpointing.save_args(state, pipeline_state(step) if pipeline_state else {})
+
     start_step = int(state.step)
     progress = tqdm.tqdm(
         total=config.train.steps,
@@ -307,7 +335,7 @@ def train_loop(
     for step in range(start_step + 1, config.train.steps + 1):
         state, metrics = train_step(state, next(batches), rng)
         if step % config.train.checkpoint_every == 0:
-            manager.save(step, args=checkpointing.ocp.args.StandardSave(state))
+            manager.save(step, args=save_args(state, step))
         progress.update(1)
         if step % config.train.log_every == 0 or step == config.train.steps:
             # The only host synchronisation of the loop.
@@ -322,7 +350,7 @@ def train_loop(
                 _log_metrics(workdir / "metrics.jsonl", step, values)
     progress.close()
     if manager.latest_step() != int(state.step):
-        manager.save(int(state.step), args=checkpointing.ocp.args.StandardSave(state), force=True)
+        manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
     manager.wait_until_finished()
     return state
 
@@ -346,15 +374,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state, restored_step = checkpointing.restore_latest(manager, state)
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
-    batches = prefetch_to_device(
-        train_batches(
-            sampler, config, restored_step or 0, jax.process_index(), jax.process_count()
-        ),
-        parallel.batch_sharded(mesh),
+    saved_pipeline = None
+    if restored_step is not None:
+        saved_pipeline = checkpointing.restore_pipeline_state(manager, restored_step)
+    host_batches = train_batches(
+        sampler,
+        config,
+        restored_step or 0,
+        jax.process_index(),
+        jax.process_count(),
+        saved_state=saved_pipeline,
     )
+    batches = prefetch_to_device(host_batches, parallel.batch_sharded(mesh))
     train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     rng = jax.device_put(jax.random.key(config.seed + 1), parallel.replicated(mesh))
-    state = train_loop(config, workdir_path, state, train_step, batches, manager, rng)
+    state = train_loop(
+        config, workdir_path, state, train_step, batches, manager, rng, host_batches.state_at
+    )
 
     result: dict[str, Any] = {"step": int(state.step)}
     if config.eval.at_end and val_files:

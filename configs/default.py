@@ -14,17 +14,39 @@ def get_config() -> ml_collections.ConfigDict:
     config.seed = 0
 
     config.data = ml_collections.ConfigDict()
-    # A folder in the MSD/nnU-Net layout (dataset.json, imagesTr/, labelsTr/).
+    # A folder in the MSD/nnU-Net layout (dataset.json, imagesTr/, labelsTr/), or, when
+    # `pairs` lists ((image, label), ...), the folder its relative paths start from.
     config.data.dir = "data/phantom"
+    config.data.pairs = ()
+    # ((dataset id, model class), ...): unmapped ids become background, or an error with
+    # unmapped_labels = "error". Empty: the dataset's ids are the model's classes.
+    config.data.label_map = ()
+    config.data.unmapped_labels = "background"
+    # Leave out a bad case with a warning naming it, instead of stopping.
+    config.data.skip_bad_cases = False
+    # Preprocessed cases ("" = the dataset folder's name + "_preprocessed", beside it).
+    config.data.cache_dir = ""
+    config.data.preprocess_workers = 2
+    # Voxel size (mm, along R, A, S) that every case is resampled to; () = the median of
+    # the training cases (nnU-Net). Images: spline order 1 (linear) or 3 (cubic); labels:
+    # linear_argmax (per class, keeps thin vessels) or nearest.
+    config.data.target_spacing = ()
+    config.data.image_interpolation_order = 1
+    config.data.label_interpolation = "linear_argmax"
     # When `dir` is missing or empty, generate this many phantom cases there (0: never).
     config.data.phantom_cases = 30
     config.data.num_val_cases = 6
     # Crop centres: a uniform foreground voxel (`foreground`, the paper), or a voxel of a
     # class drawn uniformly among those present (`class_balanced`: small structures too).
     config.data.centre_sampling = "class_balanced"
+    # class_balanced only: one weight per model class (index 0 unused) to oversample some
+    # structures, e.g. (0, 2, 2, 1, 1, 1, 1, 2) for vessels and pancreas; () = uniform.
+    config.data.class_sampling_weights = ()
     # Edge of the cubic crop, in voxels, that every pyramid level sees.
     config.data.crop_size = 24
-    # Hounsfield window, then (HU - mean) / std.
+    # `window`: the fixed Hounsfield window, then (HU - mean) / std. `foreground_zscore`:
+    # nnU-Net's CT scheme, percentiles and moments of the training foreground.
+    config.data.normalization = "window"
     config.data.intensity_clip = (-1000.0, 1000.0)
     config.data.intensity_mean = 40.0
     config.data.intensity_std = 200.0
@@ -61,6 +83,19 @@ def get_config() -> ml_collections.ConfigDict:
     config.augment.intensity_scale = 0.05  # multiply by U(1 - a, 1 + a)
     config.augment.intensity_shift = 0.05  # add U(-b, b), in normalised units
     config.augment.noise_std = 0.05  # add N(0, U(0, s)^2) noise
+    # Gamma exp(U(-g, g)) on each example's intensity range, also with `probability`.
+    config.augment.gamma = 0.1
+    # Spatial augmentation in the input pipeline: one transform per example, one
+    # resampling of the region the coarsest level sees (data/augment.py).
+    config.augment.rotation_probability = 0.2
+    config.augment.rotation_degrees = 10.0  # about each axis, U(-a, a)
+    config.augment.scale_probability = 0.2
+    config.augment.scale = 0.1  # zoom by U(1 - a, 1 + a)
+    config.augment.translation_probability = 0.2
+    config.augment.translation_voxels = 4.0  # shift the centre by U(-a, a) native voxels
+    config.augment.elastic_probability = 0.1
+    config.augment.elastic_voxels = 2.0  # std of the control-point displacements
+    config.augment.elastic_control_points = 4  # per axis, over the coarsest region
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 600

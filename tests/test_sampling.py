@@ -1,11 +1,14 @@
 """Aligned pyramid crops and the Grain pipeline that serves them."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
+from conftest import make_tiny_config
 
 from autocontext_jax.data import dataset as dataset_lib
+from autocontext_jax.data import preprocess
 from autocontext_jax.data.pipeline import PyramidExampleSampler, train_batches
 from autocontext_jax.data.sampling import (
     box_downsample,
@@ -60,22 +63,37 @@ def test_level_regions_are_centred_on_the_sampled_voxel():
 
 
 @pytest.fixture(scope="module")
-def phantom_files(tiny_phantom):
-    return dataset_lib.list_cases(tiny_phantom)
+def preprocessed(tiny_phantom, tmp_path_factory):
+    config = make_tiny_config(tiny_phantom)
+    config.data.cache_dir = str(tmp_path_factory.mktemp("cache"))
+    files = dataset_lib.list_cases(tiny_phantom)
+    plan, cached = preprocess.ensure_preprocessed(config, files, files)
+    return [cached[f.case_id] for f in files], plan
 
 
-def test_each_batch_draws_from_different_volumes(phantom_files, tiny_config):
+def _sampler(preprocessed, config):
+    cases, plan = preprocessed
+    return PyramidExampleSampler(cases, config, plan)
+
+
+def test_each_batch_draws_from_different_volumes(preprocessed, tiny_config):
     tiny_config.train.batch_size = 4
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     for step in range(20):
         cases = sampler.cases_for_step(step)
         assert len(set(cases.tolist())) == 4
 
 
-def test_crops_are_centred_on_foreground(phantom_files, tiny_config):
+def test_crops_are_centred_on_foreground(preprocessed, tiny_config):
     tiny_config.pyramid.levels = 1
     tiny_config.data.centre_sampling = "foreground"
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    # Rotation and scaling keep the centre voxel where it is; translation and elastic
+    # deformation move it on purpose.
+    for part in ("rotation", "scale"):
+        tiny_config.augment[f"{part}_probability"] = 0.5
+    tiny_config.augment.translation_probability = 0.0
+    tiny_config.augment.elastic_probability = 0.0
+    sampler = _sampler(preprocessed, tiny_config)
     for example in range(12):
         label = sampler(example)["label"][0]
         c = label.shape[0] // 2
@@ -83,24 +101,24 @@ def test_crops_are_centred_on_foreground(phantom_files, tiny_config):
         assert label[c - 1 : c + 1, c - 1 : c + 1, c - 1 : c + 1, 1:].sum() > 0
 
 
-def test_batches_are_deterministic_and_resumable(phantom_files, tiny_config):
+def test_batches_are_deterministic_and_resumable(preprocessed, tiny_config):
     tiny_config.train.steps = 5
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     full = list(train_batches(sampler, tiny_config, start_step=0))
     assert len(full) == 5
     assert full[0]["image"].shape == (2, 2, 8, 8, 8, 1)
     assert full[0]["label"].shape == (2, 2, 8, 8, 8, 8)
-    again = list(train_batches(PyramidExampleSampler(phantom_files, tiny_config), tiny_config, 0))
+    again = list(train_batches(_sampler(preprocessed, tiny_config), tiny_config, 0))
     resumed = list(train_batches(sampler, tiny_config, start_step=3))
     for a, b in itertools.chain(zip(full, again, strict=True), zip(full[3:], resumed, strict=True)):
         np.testing.assert_array_equal(a["image"], b["image"])
         np.testing.assert_array_equal(a["label"], b["label"])
 
 
-def test_processes_share_the_global_batch(phantom_files, tiny_config):
+def test_processes_share_the_global_batch(preprocessed, tiny_config):
     tiny_config.train.steps = 2
     tiny_config.train.batch_size = 4
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     whole = list(train_batches(sampler, tiny_config, 0))
     halves = [list(train_batches(sampler, tiny_config, 0, p, 2)) for p in range(2)]
     for step in range(2):
@@ -108,9 +126,9 @@ def test_processes_share_the_global_batch(phantom_files, tiny_config):
         np.testing.assert_array_equal(joined, whole[step]["image"])
 
 
-def test_worker_processes_give_the_same_batches(phantom_files, tiny_config):
+def test_worker_processes_give_the_same_batches(preprocessed, tiny_config):
     tiny_config.train.steps = 3
-    sampler = PyramidExampleSampler(phantom_files, tiny_config)
+    sampler = _sampler(preprocessed, tiny_config)
     in_process = list(train_batches(sampler, tiny_config, 0))
     tiny_config.data.worker_count = 2
     with_workers = list(train_batches(sampler, tiny_config, 0))
@@ -143,3 +161,39 @@ def test_class_balanced_centres_visit_small_structures_as_often_as_large_ones(ti
     # Uniform over foreground voxels: the single vessel voxel is almost never the centre.
     assert np.bincount(uniform, minlength=8)[1] < 10
     assert np.bincount(uniform, minlength=8)[0] == 0
+
+
+# Two worker processes start three times: slow on a busy CPU.
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_saved_pipeline_state_resumes_with_the_batches_of_an_uninterrupted_run(
+    preprocessed, tiny_config, workers
+):
+    tiny_config.train.steps = 5
+    tiny_config.data.worker_count = workers
+    full = list(train_batches(_sampler(preprocessed, tiny_config), tiny_config, 0))
+    first = train_batches(_sampler(preprocessed, tiny_config), tiny_config, 0)
+    for _ in range(4):  # the train loop reads ahead of the step it checkpoints
+        next(first)
+    # Through JSON, as the checkpoint stores it.
+    saved = json.loads(json.dumps(first.state_at(2)))
+    assert saved["grain"] is not None and saved["next_step"] == 2
+    resumed = train_batches(_sampler(preprocessed, tiny_config), tiny_config, 2, saved_state=saved)
+    rest = list(resumed)
+    assert len(rest) == 3
+    for a, b in zip(full[2:], rest, strict=True):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    # It continued the saved Grain iterator rather than starting a new one at step 2.
+    assert resumed.state_at(5)["first_step"] == 0
+
+
+def test_class_weights_oversample_the_classes_they_favour(tiny_config):
+    from autocontext_jax.data.pipeline import crop_centre, prepare_case
+
+    case = prepare_case(_case_with_classes(), tiny_config.data, "c")
+    rng = np.random.default_rng(0)
+    weights = (0, 3, 0, 1, 0, 0, 0, 0)  # vessel three times the liver, gallbladder never
+    draws = [case.label[crop_centre(rng, case, "class_balanced", weights)] for _ in range(4000)]
+    counts = np.bincount(draws, minlength=8)
+    assert counts[6] == 0
+    assert counts[1] / counts[3] == pytest.approx(3.0, rel=0.15)

@@ -174,7 +174,8 @@ def _params(workdir):
     saved = json.loads(config_path.read_text())
     manager = checkpointing.make_manager(workdir, _config_from(saved))
     step = manager.latest_step()
-    restored = manager.restore(step)
+    args = checkpointing.ocp.args.Composite(state=checkpointing.ocp.args.StandardRestore())
+    restored = manager.restore(step, args=args).state
     manager.close()
     return step, restored
 
@@ -196,6 +197,13 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_phantom, tmp_path):
     config.train.steps = 2
     train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert _params(tmp_path / "resumed")[0] == 2
+    # The input pipeline's state after step 2's batch is saved beside the model.
+    from autocontext_jax import checkpointing
+
+    manager = checkpointing.make_manager(tmp_path / "resumed", config)
+    saved = checkpointing.restore_pipeline_state(manager, 2)
+    manager.close()
+    assert saved["next_step"] == 2 and saved["first_step"] == 0 and saved["grain"] is not None
     config.train.steps = 4
     result = train.train_and_evaluate(config, str(tmp_path / "resumed"))
     assert result["step"] == 4

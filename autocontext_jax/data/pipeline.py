@@ -8,6 +8,7 @@ and draws exactly the batches an uninterrupted run would have drawn.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import threading
 from collections.abc import Iterator, Sequence
@@ -17,8 +18,10 @@ from absl import flags
 import ml_collections
 import numpy as np
 
-from autocontext_jax.data.dataset import Case, CaseFiles, DatasetError, load_case
-from autocontext_jax.data.intensity import normalize_hu, normalized_pad_value
+from autocontext_jax.data.augment import augmented_pyramid_crops, sample_spatial_transform
+from autocontext_jax.data.dataset import Case, DatasetError
+from autocontext_jax.data.intensity import normalize_hu
+from autocontext_jax.data.preprocess import CachedCase, Plan, load_cached
 from autocontext_jax.data.sampling import foreground_centre, pyramid_crops
 
 
@@ -33,42 +36,52 @@ class PreparedCase:
     class_voxels: dict[int, np.ndarray]
 
 
-def prepare_case(case: Case, data_config: ml_collections.ConfigDict, path: str) -> PreparedCase:
-    """Normalise intensities and index the voxels of every foreground class of a case."""
-    coordinates = np.argwhere(case.label > 0).astype(np.int32)
+def index_case(case_id: str, image: np.ndarray, label: np.ndarray, path: str) -> PreparedCase:
+    """A normalised image and its labels, with the voxels of every foreground class indexed."""
+    coordinates = np.argwhere(label > 0).astype(np.int32)
     if len(coordinates) == 0:
         raise DatasetError(f"{path}: the label map has no foreground voxel to centre crops on")
-    classes = case.label[tuple(coordinates.T)]
+    classes = np.asarray(label[tuple(coordinates.T)])
     order = np.argsort(classes, kind="stable")
     present, starts = np.unique(classes[order], return_index=True)
     groups = np.split(coordinates[order], starts[1:])
     return PreparedCase(
-        case.case_id,
-        normalize_hu(case.image, data_config),
-        case.label,
-        {int(k): group for k, group in zip(present, groups, strict=True)},
+        case_id, image, label, {int(k): group for k, group in zip(present, groups, strict=True)}
     )
 
 
-def read_prepared_case(files: CaseFiles, config: ml_collections.ConfigDict) -> PreparedCase:
-    """Read a case from disk and prepare it for sampling."""
-    case = load_case(files, config.model.num_classes)
-    return prepare_case(case, config.data, str(files.label))
+def prepare_case(case: Case, data_config: ml_collections.ConfigDict, path: str) -> PreparedCase:
+    """Normalise the intensities of an in-memory case with the fixed HU window and index it."""
+    return index_case(case.case_id, normalize_hu(case.image, data_config), case.label, path)
+
+
+def read_prepared_case(case: CachedCase) -> PreparedCase:
+    """A preprocessed case, memory-mapped from the cache and indexed for sampling."""
+    image, label = load_cached(case)
+    return index_case(case.case_id, image, label, str(case.label))
 
 
 def crop_centre(
-    rng: np.random.Generator, case: PreparedCase, strategy: str
+    rng: np.random.Generator,
+    case: PreparedCase,
+    strategy: str,
+    class_weights: Sequence[float] = (),
 ) -> tuple[int, int, int]:
     """A foreground voxel to centre the crops on.
 
     `foreground`: uniform over all foreground voxels (the paper). `class_balanced`: first a
-    class uniformly among those present, then one of its voxels, so that small structures
-    (vessels, gallbladder, pancreas) are seen as often as the liver.
+    class among those present, then one of its voxels, so that small structures (vessels,
+    gallbladder, pancreas) are seen as often as the liver; the class is drawn uniformly, or
+    in proportion to `class_weights[k]` (one weight per model class) to oversample some.
     """
     if strategy == "class_balanced":
         classes = sorted(case.class_voxels)
-        voxels = case.class_voxels[classes[rng.integers(len(classes))]]
-        return foreground_centre(rng, voxels)
+        weights = np.array([class_weights[k] for k in classes]) if class_weights else None
+        if weights is None or weights.sum() <= 0:
+            chosen = classes[rng.integers(len(classes))]
+        else:
+            chosen = classes[rng.choice(len(classes), p=weights / weights.sum())]
+        return foreground_centre(rng, case.class_voxels[chosen])
     index = int(rng.integers(sum(len(v) for v in case.class_voxels.values())))
     for voxels in case.class_voxels.values():
         if index < len(voxels):
@@ -82,15 +95,16 @@ class PyramidExampleSampler:
 
     def __init__(
         self,
-        files: Sequence[CaseFiles],
+        cases: Sequence[CachedCase],
         config: ml_collections.ConfigDict,
+        plan: Plan,
         preloaded: dict[str, PreparedCase] | None = None,
     ) -> None:
-        """Sample from `files`; `preloaded` cases are used instead of reading them again."""
-        self._files = list(files)
+        """Sample from preprocessed `cases`; `preloaded` ones are not read again."""
+        self._files = list(cases)
         self._config = config
         self._batch_size = config.train.batch_size
-        self._pad_value = normalized_pad_value(config.data)
+        self._pad_value = plan.pad_value
         self._cache: dict[str, PreparedCase] = dict(preloaded or {})
         self._lock = threading.Lock()
 
@@ -116,7 +130,7 @@ class PyramidExampleSampler:
         files = self._files[index]
         with self._lock:
             if files.case_id not in self._cache:
-                self._cache[files.case_id] = read_prepared_case(files, self._config)
+                self._cache[files.case_id] = read_prepared_case(files)
             return self._cache[files.case_id]
 
     def __call__(self, example: int) -> dict[str, np.ndarray]:
@@ -124,15 +138,20 @@ class PyramidExampleSampler:
         step, slot = divmod(int(example), self._batch_size)
         case = self._case(int(self.cases_for_step(step)[slot]))
         rng = np.random.default_rng([self._config.seed, step, slot, 1])
-        return pyramid_crops(
-            case.image,
-            case.label,
-            crop_centre(rng, case, self._config.data.centre_sampling),
+        data = self._config.data
+        centre = crop_centre(rng, case, data.centre_sampling, data.class_sampling_weights)
+        # Its own generator: switching augmentation on or off keeps the crop centres.
+        augment_rng = np.random.default_rng([self._config.seed, step, slot, 2])
+        transform = sample_spatial_transform(augment_rng, self._config.augment)
+        sizes = (
             self._config.data.crop_size,
             self._config.pyramid.levels,
             self._config.model.num_classes,
             self._pad_value,
         )
+        if transform is None:
+            return pyramid_crops(case.image, case.label, centre, *sizes)
+        return augmented_pyramid_crops(case.image, case.label, centre, transform, *sizes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,20 +168,86 @@ class LocalToGlobalExample:
         return step * self.global_batch + self.first_slot + slot
 
 
+class ResumableBatches:
+    """This process's batches, remembering the Grain state after each recent one.
+
+    The train loop reads ahead of the step it runs (device prefetch), so the state to save
+    with step k's checkpoint is the one after the k-th batch, not the iterator's current one.
+    """
+
+    def __init__(
+        self, iterator: grain.DatasetIterator, first_step: int, next_step: int, worker_count: int
+    ) -> None:
+        """Wrap `iterator` over a dataset starting at `first_step`, now at `next_step`."""
+        self._iterator = iterator
+        self._first_step = first_step
+        self._worker_count = worker_count
+        self._next_step = next_step
+        self._states: collections.OrderedDict[int, dict] = collections.OrderedDict()
+
+    def __iter__(self) -> ResumableBatches:
+        """The iterator itself."""
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        """The next batch."""
+        batch = next(self._iterator)
+        self._next_step += 1
+        self._states[self._next_step] = self._iterator.get_state()
+        while len(self._states) > _KEPT_STATES:
+            self._states.popitem(last=False)
+        return batch
+
+    def state_at(self, step: int) -> dict:
+        """The JSON-serialisable state of the pipeline once step `step`'s batch was drawn."""
+        if step == self._first_step:
+            grain_state = None
+        elif step in self._states:
+            grain_state = self._states[step]
+        else:
+            raise KeyError(f"the pipeline state at step {step} is no longer kept")
+        return {
+            "first_step": self._first_step,
+            "next_step": step,
+            "worker_count": self._worker_count,
+            "grain": grain_state,
+        }
+
+
+# More than the device prefetch reads ahead of the running step.
+_KEPT_STATES = 16
+
+
 def train_batches(
     sampler: PyramidExampleSampler,
     config: ml_collections.ConfigDict,
     start_step: int,
     process_index: int = 0,
     process_count: int = 1,
-) -> Iterator[dict[str, np.ndarray]]:
-    """This process's share of the global batches of steps start_step .. train.steps - 1."""
+    saved_state: dict | None = None,
+) -> ResumableBatches:
+    """This process's share of the global batches of steps start_step .. train.steps - 1.
+
+    With the `saved_state` of a checkpoint at `start_step` the Grain iterator is restored
+    from it; without one (or when the worker count changed, which changes Grain's state)
+    the pipeline starts at `start_step`. Both give the same batches: batch k is a pure
+    function of (seed, k).
+    """
+    first_step = start_step
+    usable = (
+        saved_state is not None
+        and saved_state.get("next_step") == start_step
+        and saved_state.get("worker_count") == config.data.worker_count
+        and saved_state.get("grain") is not None
+    )
+    if usable:
+        first_step = saved_state["first_step"]
     local_batch = config.train.batch_size // process_count
     to_global = LocalToGlobalExample(
         config.train.batch_size, local_batch, process_index * local_batch
     )
     dataset = (
-        grain.MapDataset.range(start_step * local_batch, config.train.steps * local_batch)
+        grain.MapDataset.range(first_step * local_batch, config.train.steps * local_batch)
         .map(to_global)
         .map(sampler)
         .batch(local_batch, drop_remainder=True)
@@ -178,4 +263,7 @@ def train_batches(
         iter_dataset = iter_dataset.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=config.data.worker_count)
         )
-    return iter(iter_dataset)
+    iterator = iter(iter_dataset)
+    if usable:
+        iterator.set_state(saved_state["grain"])
+    return ResumableBatches(iterator, first_step, start_step, config.data.worker_count)

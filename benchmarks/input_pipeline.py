@@ -1,0 +1,103 @@
+"""Examples/s of the augmented input pipeline beside the train step's, on this machine.
+
+    python benchmarks/input_pipeline.py [--batches 20] [--paper_batches 3] [--workers 1 2]
+
+Writes a few phantom cases (default shape) and their preprocessed cache under a
+temporary folder, then times the Grain pipeline of the default and paper configs with
+each worker count (first batch excluded: worker start-up and reading), and the jitted
+train step of the default config on batches of that pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+import tempfile
+import time
+
+import jax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from conftest import load_config  # noqa: E402
+
+from autocontext_jax import parallel, train  # noqa: E402
+from autocontext_jax.data import dataset as dataset_lib  # noqa: E402
+from autocontext_jax.data import phantom, preprocess  # noqa: E402
+from autocontext_jax.data.pipeline import PyramidExampleSampler, train_batches  # noqa: E402
+from autocontext_jax.models import build_pyramid  # noqa: E402
+
+
+def _sampler(config, data_dir: pathlib.Path) -> PyramidExampleSampler:
+    files = dataset_lib.list_cases(data_dir)
+    plan, cached = preprocess.ensure_preprocessed(config, files, files)
+    return PyramidExampleSampler([cached[f.case_id] for f in files], config, plan)
+
+
+def pipeline_examples_per_second(config, data_dir: pathlib.Path, batches: int) -> float:
+    """Examples/s of `batches` batches after the first one."""
+    config.train.steps = batches + 1
+    iterator = train_batches(_sampler(config, data_dir), config, 0)
+    next(iterator)
+    start = time.perf_counter()
+    for _ in range(batches):
+        next(iterator)
+    return batches * config.train.batch_size / (time.perf_counter() - start)
+
+
+def step_examples_per_second(config, data_dir: pathlib.Path, steps: int) -> float:
+    """Examples/s of the jitted train step on pipeline batches already on the device."""
+    config.train.steps = steps + 1
+    config.train.schedule = "constant"  # the step costs the same; no warm-up to fit
+    model = build_pyramid(config)
+    optimizer = train.make_optimizer(config.train)
+    mesh = parallel.make_mesh()
+    state = jax.device_put(
+        train.create_train_state(model, optimizer, config.seed), parallel.replicated(mesh)
+    )
+    step = train.jit_train_step(train.make_train_step(model, optimizer, config), mesh)
+    sharding = parallel.batch_sharded(mesh)
+    batches = [
+        parallel.put_batch(b, sharding)
+        for b in train_batches(_sampler(config, data_dir), config, 0)
+    ]
+    rng = jax.random.key(0)
+    state, metrics = step(state, batches[0], rng)  # compile
+    jax.block_until_ready(metrics)
+    start = time.perf_counter()
+    for batch in batches[1:]:
+        state, metrics = step(state, batch, rng)
+    jax.block_until_ready(metrics)
+    return steps * config.train.batch_size / (time.perf_counter() - start)
+
+
+def main() -> None:
+    """Print the examples/s table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batches", type=int, default=20, help="timed batches, default config")
+    parser.add_argument("--paper_batches", type=int, default=3, help="timed batches, paper")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--cases", type=int, default=4, help="phantom cases to sample from")
+    args = parser.parse_args()
+    print(f"devices: {jax.devices()}")
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = pathlib.Path(tmp) / "phantom"
+        phantom.write_phantom_dataset(data_dir, args.cases, seed=0, workers=2)
+        for name, batches in (("default", args.batches), ("paper", args.paper_batches)):
+            for workers in args.workers:
+                config = load_config(name)
+                config.data.dir = str(data_dir)
+                config.data.worker_count = workers
+                rate = pipeline_examples_per_second(config, data_dir, batches)
+                label = f"pipeline {name}, {workers} worker(s)"
+                print(f"{label:<40} {rate:8.2f} examples/s", flush=True)
+        config = load_config("default")
+        config.data.dir = str(data_dir)
+        rate = step_examples_per_second(config, data_dir, args.batches)
+        print(f"{'train step default':<40} {rate:8.2f} examples/s", flush=True)
+
+
+if __name__ == "__main__":
+    main()
