@@ -363,5 +363,5 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         result["dice"] = scores
         if jax.process_index() == 0:
             evaluate.write_report(workdir_path, scores, val_files)
-            print(evaluate.dice_table(scores))
+            print(evaluate.summary_markdown(scores))
     return result

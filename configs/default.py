@@ -79,4 +79,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     # Evaluate the held-out cases at the end of training.
     config.eval.at_end = True
+    # Normalised surface Dice counts surface voxels within this distance of the other surface.
+    config.eval.nsd_tolerance_mm = 2.0
     return config

@@ -5,7 +5,7 @@
 #
 # Each run gets its own workdir RUNS_DIR/levels{S}_{mode}; rerunning resumes unfinished
 # runs from their checkpoints and re-evaluates finished ones. Every run's Dice table is
-# in RUNS_DIR/*/eval_dice.md.
+# in RUNS_DIR/*/eval_summary.md.
 set -euo pipefail
 config="${1:-configs/default.py}"
 runs="${2:-runs/ablation}"
@@ -22,7 +22,7 @@ for levels in 1 2 3; do
       --config.pyramid.levels="$levels" --config.pyramid.mode="$mode" "$@"
   done
 done
-for table in "$runs"/*/eval_dice.md; do
+for table in "$runs"/*/eval_summary.md; do
   echo "== $(dirname "$table")"
   cat "$table"
 done
