@@ -263,7 +263,9 @@ def prepare_data(
 ) -> tuple[PyramidExampleSampler, list[dataset_lib.CaseFiles]]:
     """The training sampler and the held-out cases; the split is written to the workdir."""
     files = dataset_lib.list_cases(ensure_dataset(config.data))
-    train_files, val_files = dataset_lib.split_cases(files, config.data.num_val_cases, config.seed)
+    train_files, val_files = dataset_lib.split_cases(
+        files, config.data.num_val_cases, config.data.split_seed
+    )
     if jax.process_index() == 0:
         split = {"train": [f.case_id for f in train_files], "val": [f.case_id for f in val_files]}
         (workdir / "split.json").write_text(json.dumps(split, indent=2) + "\n")

@@ -19,6 +19,8 @@ def get_config() -> ml_collections.ConfigDict:
     # When `dir` is missing or empty, generate this many phantom cases there (0: never).
     config.data.phantom_cases = 30
     config.data.num_val_cases = 6
+    # Seed of the held-out split, apart from `seed`, so runs of several seeds share one split.
+    config.data.split_seed = 0
     # Crop centres: a uniform foreground voxel (`foreground`, the paper), or a voxel of a
     # class drawn uniformly among those present (`class_balanced`: small structures too).
     config.data.centre_sampling = "class_balanced"
