@@ -355,7 +355,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         parallel.batch_sharded(mesh),
     )
     train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
-    rng = jax.device_put(jax.random.key(config.seed + 1), parallel.replicated(mesh))
+    rng = parallel.replicated_key(config.seed + 1, mesh)
     state = train_loop(config, workdir_path, state, train_step, batches, manager, rng)
 
     result: dict[str, Any] = {"step": int(state.step)}
