@@ -22,7 +22,7 @@ import numpy as np
 import tqdm
 from absl import app, flags, logging
 
-from autocontext_jax import metrics
+from autocontext_jax import metrics, visualize
 from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data.intensity import normalize_hu, normalized_pad_value
 from autocontext_jax.data.labels import class_names
@@ -116,6 +116,31 @@ def evaluate_cases(
         "nsd_tolerance_mm": tolerance,
         **per_metric,
     }
+
+
+def mean_scores(result: dict[str, Any]) -> dict[str, float]:
+    """Mean over cases of every metric, level and class, named `metric/level_s/class`."""
+    scalars = {}
+    for name in metrics.METRIC_NAMES:
+        for level, scores in result.get(name, {}).items():
+            means = np.mean(np.asarray(scores, np.float64), axis=0)
+            for class_name, value in zip(result["classes"], means, strict=True):
+                scalars[f"{name}/{level}/{class_name}"] = float(value)
+            scalars[f"{name}/{level}/average"] = float(means.mean())
+    return scalars
+
+
+def prediction_panel(
+    model: nn.Module,
+    variables: Any,
+    case_files: dataset_lib.CaseFiles,
+    config: ml_collections.ConfigDict,
+    plane: str,
+) -> np.ndarray:
+    """The middle `plane` slice of a case: CT, reference and each level, as one RGB row."""
+    case = dataset_lib.load_case(case_files, config.model.num_classes)
+    predictions = predict_levels(model, variables, case.image, config)
+    return visualize.panel(case.image, case.label, predictions, config.model.num_classes, plane)
 
 
 def summarize(scores: Sequence[Sequence[float]]) -> dict[str, np.ndarray]:
@@ -240,18 +265,13 @@ def held_out_cases(
     return [by_id[case_id] for case_id in held_out]
 
 
-def evaluate_workdir(
-    workdir: str | pathlib.Path, data_dir: str | None = None, tolerance_mm: float | None = None
-) -> dict[str, Any]:
-    """Evaluate the latest checkpoint of a run and write its reports into the workdir."""
+def restore_run(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict, Any, Any, int]:
+    """(config, model, evaluation variables, step) of the latest checkpoint of a run."""
     # train imports this module for the end-of-run evaluation.
     from autocontext_jax import checkpointing, parallel, train
     from autocontext_jax.models import build_pyramid
 
     config = load_run_config(workdir)
-    if tolerance_mm is not None:
-        config.eval.nsd_tolerance_mm = tolerance_mm
-    files = held_out_cases(workdir, config, data_dir)
     model = build_pyramid(config)
     optimizer = train.make_optimizer(config.train)
     mesh = parallel.make_mesh()
@@ -260,9 +280,21 @@ def evaluate_workdir(
     )
     manager = checkpointing.make_manager(workdir, config)
     state, step = checkpointing.restore_latest(manager, state)
+    manager.close()
     if step is None:
         raise FileNotFoundError(f"{pathlib.Path(workdir) / 'checkpoints'}: no checkpoint")
-    result = evaluate_cases(model, train.evaluation_variables(state, config.train), files, config)
+    return config, model, train.evaluation_variables(state, config.train), step
+
+
+def evaluate_workdir(
+    workdir: str | pathlib.Path, data_dir: str | None = None, tolerance_mm: float | None = None
+) -> dict[str, Any]:
+    """Evaluate the latest checkpoint of a run and write its reports into the workdir."""
+    config, model, variables, step = restore_run(workdir)
+    if tolerance_mm is not None:
+        config.eval.nsd_tolerance_mm = tolerance_mm
+    files = held_out_cases(workdir, config, data_dir)
+    result = evaluate_cases(model, variables, files, config)
     result["step"] = step
     if jax.process_index() == 0:
         write_report(workdir, result, files)

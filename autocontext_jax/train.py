@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import tqdm
 
-from autocontext_jax import checkpointing, evaluate, parallel
+from autocontext_jax import checkpointing, evaluate, logs, parallel
 from autocontext_jax.config_checks import validate_config
 from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data import phantom
@@ -253,11 +253,6 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def _log_metrics(path: pathlib.Path, step: int, metrics: dict[str, float]) -> None:
-    with path.open("a") as stream:
-        stream.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
 def prepare_data(
     config: ml_collections.ConfigDict, workdir: pathlib.Path
 ) -> tuple[PyramidExampleSampler, list[dataset_lib.CaseFiles]]:
@@ -305,6 +300,7 @@ def train_loop(
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
     )
+    writer = logs.MetricWriter(workdir)
     last_time, last_step = time.perf_counter(), start_step
     for step in range(start_step + 1, config.train.steps + 1):
         state, metrics = train_step(state, next(batches), rng)
@@ -320,9 +316,9 @@ def train_loop(
             values["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, step
             progress.set_postfix(_progress_postfix(values))
-            if jax.process_index() == 0:
-                _log_metrics(workdir / "metrics.jsonl", step, values)
+            writer.write_scalars(step, values)
     progress.close()
+    writer.close()
     if manager.latest_step() != int(state.step):
         manager.save(int(state.step), args=checkpointing.ocp.args.StandardSave(state), force=True)
     manager.wait_until_finished()
@@ -363,6 +359,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         variables = evaluation_variables(state, config.train)
         scores = evaluate.evaluate_cases(model, variables, val_files, config)
         result["dice"] = scores
+        # Every process predicts (the variables span them all); process 0 writes.
+        image = evaluate.prediction_panel(model, variables, val_files[0], config, "axial")
+        writer = logs.MetricWriter(workdir_path)
+        writer.write_scalars(result["step"], evaluate.mean_scores(scores), to_jsonl=False)
+        writer.write_image(result["step"], f"prediction/axial/{val_files[0].case_id}", image)
+        writer.close()
         if jax.process_index() == 0:
             evaluate.write_report(workdir_path, scores, val_files)
             print(evaluate.summary_markdown(scores))
