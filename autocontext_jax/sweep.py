@@ -112,7 +112,10 @@ def tpu_command(
     remote_dir: str,
     project: str | None = None,
 ) -> list[str]:
-    """Run `command` on every worker of a Cloud TPU VM slice, as one multi-host job."""
+    """Run `command` on every worker of a Cloud TPU VM slice, as one multi-host job.
+
+    The run's workdir must be on storage every worker shares (NFS, a gcsfuse mount).
+    """
     remote = f"cd {shlex.quote(remote_dir)} && {shlex.join([*command, '--multihost'])}"
     gcloud = ["gcloud", "compute", "tpus", "tpu-vm", "ssh", tpu_name, f"--zone={zone}"]
     if project:

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from autocontext_jax import logs, plot, train
+from autocontext_jax import evaluate, logs, plot, train
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
@@ -46,10 +46,10 @@ def test_the_command_reproduces_the_end_of_training_report(trained_run):
         assert (trained_run / name).is_file()
 
 
-def test_the_command_evaluates_another_dataset(trained_run, tiny_phantom):
-    result = _evaluate("--workdir", str(trained_run), "--data", str(tiny_phantom))
-    assert result.returncode == 0, result.stderr
+def test_evaluating_another_dataset_scores_all_its_cases(trained_run, tiny_phantom):
+    result = evaluate.evaluate_workdir(trained_run, data_dir=str(tiny_phantom))
     cases = json.loads((trained_run / "eval_cases.json").read_text())
+    assert cases == json.loads(json.dumps(result))
     assert len(cases["case_ids"]) == 5 and len(cases["hd95"]["level_2"]) == 5
 
 
@@ -114,16 +114,10 @@ def test_tensorboard_tags_group_the_charts():
     assert logs.tensorboard_tag("dice/level_1/liver") == "dice/level_1/liver"
 
 
-def test_the_plot_command_writes_slices_and_curves(trained_run):
-    result = subprocess.run(
-        [sys.executable, "-m", "autocontext_jax.plot", "--workdir", str(trained_run)],
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stderr
+def test_plot_writes_slices_and_curves(trained_run):
     held_out = json.loads((trained_run / "split.json").read_text())["val"][0]
-    paths = result.stdout.split()
-    assert [p.rsplit("/", 1)[1] for p in paths] == [
+    paths = plot.plot_run(trained_run)
+    assert [p.name for p in paths] == [
         f"{held_out}_axial.png",
         f"{held_out}_coronal.png",
         "training_curves.png",
