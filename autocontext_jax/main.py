@@ -10,7 +10,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autocontext_jax import train
+from autocontext_jax import multihost, train
 from autocontext_jax.config_checks import ConfigError, validate_config
 from autocontext_jax.models import build_pyramid
 
@@ -19,6 +19,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs an
 _DRY_RUN = flags.DEFINE_bool(
     "dry_run", False, "Build the model, print the config and parameter counts, and exit."
 )
+_MULTIHOST = flags.DEFINE_bool(
+    "multihost", False, "Join the other workers of a TPU slice (a SLURM job is detected)."
+)
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "host:port of process 0 of a multi-process run."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes of the run.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index, from 0.")
 
 _COMPILATION_CACHE = flags.DEFINE_string(
     "compilation_cache",
@@ -59,6 +67,12 @@ def main(argv: list[str]) -> None:
     """Validate the config, then dry-run or train and evaluate."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        multihost.initialize(
+            _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value, _MULTIHOST.value
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
     config = _CONFIG.value
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
@@ -71,7 +85,7 @@ def main(argv: list[str]) -> None:
         return
     if not flags.FLAGS["verbosity"].present:
         # Orbax logs every save at INFO; the progress bar says what the user needs.
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.WARNING if jax.process_index() == 0 else logging.ERROR)
     if _WORKDIR.value is None:
         raise app.UsageError("--workdir is required to train, e.g. --workdir runs/default")
     enable_compilation_cache(_COMPILATION_CACHE.value)

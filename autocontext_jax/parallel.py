@@ -29,3 +29,12 @@ def put_batch(batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str
     return {
         key: jax.make_array_from_process_local_data(sharding, value) for key, value in batch.items()
     }
+
+
+def replicated_key(seed: int, mesh: Mesh) -> jax.Array:
+    """A PRNG key on every device of `mesh`, those of other processes included.
+
+    Made by a computation over the mesh: device_put cannot place a key array on devices
+    this process does not address.
+    """
+    return jax.jit(lambda: jax.random.key(seed), out_shardings=replicated(mesh))()

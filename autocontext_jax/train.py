@@ -20,7 +20,7 @@ import numpy as np
 import optax
 import tqdm
 
-from autocontext_jax import checkpointing, evaluate, parallel
+from autocontext_jax import checkpointing, evaluate, logs, parallel
 from autocontext_jax.config_checks import validate_config
 from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data import phantom, preprocess
@@ -264,11 +264,6 @@ def _say(message: str) -> None:
         print(message, flush=True)
 
 
-def _log_metrics(path: pathlib.Path, step: int, metrics: dict[str, float]) -> None:
-    with path.open("a") as stream:
-        stream.write(json.dumps({"step": step, **metrics}) + "\n")
-
-
 def prepare_data(
     config: ml_collections.ConfigDict, workdir: pathlib.Path
 ) -> tuple[PyramidExampleSampler, list[dataset_lib.CaseFiles]]:
@@ -278,7 +273,9 @@ def prepare_data(
     """
     ensure_dataset(config.data)
     files = dataset_lib.list_dataset(config.data)
-    train_files, val_files = dataset_lib.split_cases(files, config.data.num_val_cases, config.seed)
+    train_files, val_files = dataset_lib.split_cases(
+        files, config.data.num_val_cases, config.data.split_seed
+    )
     plan, cached = preprocess.ensure_preprocessed(config, files, train_files)
     # Cases skipped as bad (data.skip_bad_cases) drop out of both sides of the split.
     train_cases = [cached[f.case_id] for f in train_files if f.case_id in cached]
@@ -331,6 +328,7 @@ def train_loop(
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
     )
+    writer = logs.MetricWriter(workdir)
     last_time, last_step = time.perf_counter(), start_step
     for step in range(start_step + 1, config.train.steps + 1):
         state, metrics = train_step(state, next(batches), rng)
@@ -346,9 +344,9 @@ def train_loop(
             values["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, step
             progress.set_postfix(_progress_postfix(values))
-            if jax.process_index() == 0:
-                _log_metrics(workdir / "metrics.jsonl", step, values)
+            writer.write_scalars(step, values)
     progress.close()
+    writer.close()
     if manager.latest_step() != int(state.step):
         manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
     manager.wait_until_finished()
@@ -387,7 +385,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     )
     batches = prefetch_to_device(host_batches, parallel.batch_sharded(mesh))
     train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
-    rng = jax.device_put(jax.random.key(config.seed + 1), parallel.replicated(mesh))
+    rng = parallel.replicated_key(config.seed + 1, mesh)
     state = train_loop(
         config, workdir_path, state, train_step, batches, manager, rng, host_batches.state_at
     )
@@ -397,7 +395,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         variables = evaluation_variables(state, config.train)
         scores = evaluate.evaluate_cases(model, variables, val_files, config)
         result["dice"] = scores
+        # Every process predicts (the variables span them all); process 0 writes.
+        image = evaluate.prediction_panel(model, variables, val_files[0], config, "axial")
+        writer = logs.MetricWriter(workdir_path)
+        writer.write_scalars(result["step"], evaluate.mean_scores(scores), to_jsonl=False)
+        writer.write_image(result["step"], f"prediction/axial/{val_files[0].case_id}", image)
+        writer.close()
         if jax.process_index() == 0:
             evaluate.write_report(workdir_path, scores, val_files)
-            print(evaluate.dice_table(scores))
+            print(evaluate.summary_markdown(scores))
     return result

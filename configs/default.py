@@ -36,6 +36,8 @@ def get_config() -> ml_collections.ConfigDict:
     # When `dir` is missing or empty, generate this many phantom cases there (0: never).
     config.data.phantom_cases = 30
     config.data.num_val_cases = 6
+    # Seed of the held-out split, apart from `seed`, so runs of several seeds share one split.
+    config.data.split_seed = 0
     # Crop centres: a uniform foreground voxel (`foreground`, the paper), or a voxel of a
     # class drawn uniformly among those present (`class_balanced`: small structures too).
     config.data.centre_sampling = "class_balanced"
@@ -114,4 +116,6 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     # Evaluate the held-out cases at the end of training.
     config.eval.at_end = True
+    # Normalised surface Dice counts surface voxels within this distance of the other surface.
+    config.eval.nsd_tolerance_mm = 2.0
     return config

@@ -246,5 +246,9 @@ def test_a_run_keeps_the_last_checkpoints_and_reports_dice(tiny_phantom, tmp_pat
     dice = result["dice"]["dice"]
     assert set(dice) == {"level_1", "level_2"}
     assert np.asarray(dice["level_2"]).shape == (1, 7)
-    table = (tmp_path / "eval_dice.md").read_text()
+    assert np.asarray(result["dice"]["hd95"]["level_2"]).shape == (1, 7)
+    table = (tmp_path / "eval_summary.md").read_text()
     assert "| Dice (%) | artery | portal_vein | liver |" in table
+    assert "| HD95 (mm) | artery |" in table and "| NSD@2mm (%) | artery |" in table
+    cases = json.loads((tmp_path / "eval_cases.json").read_text())
+    assert cases["dice"] == dice and cases["case_ids"] == result["dice"]["case_ids"]

@@ -1,0 +1,65 @@
+"""Training logs: metrics.jsonl and TensorBoard event files, written by process 0 only.
+
+TensorBoard files come from tensorboardX, which writes the event format with protobuf and
+needs neither TensorFlow nor PyTorch (flax.metrics.tensorboard and clu import TensorFlow).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from collections.abc import Mapping
+
+import jax
+import numpy as np
+import tensorboardX
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+class MetricWriter:
+    """Appends scalars to WORKDIR/metrics.jsonl and to TensorBoard events in WORKDIR/tensorboard.
+
+    On processes other than 0 every method does nothing, so callers need not check.
+    """
+
+    def __init__(self, workdir: str | pathlib.Path):
+        """Open the writers (process 0 only)."""
+        self.workdir = pathlib.Path(workdir)
+        self._tensorboard = None
+        if jax.process_index() == 0:
+            self._tensorboard = tensorboardX.SummaryWriter(
+                str(self.workdir / TENSORBOARD_DIR), flush_secs=30
+            )
+
+    def write_scalars(self, step: int, scalars: Mapping[str, float], to_jsonl: bool = True) -> None:
+        """One TensorBoard scalar per name at `step`, and (to_jsonl) one metrics.jsonl line."""
+        if self._tensorboard is None:
+            return
+        if to_jsonl:
+            with (self.workdir / "metrics.jsonl").open("a") as stream:
+                stream.write(json.dumps({"step": step, **scalars}) + "\n")
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(tensorboard_tag(name), value, step)
+
+    def write_image(self, step: int, name: str, image: np.ndarray) -> None:
+        """An (H, W, 3) uint8 image, in TensorBoard only."""
+        if self._tensorboard is not None:
+            self._tensorboard.add_image(name, image, step, dataformats="HWC")
+
+    def close(self) -> None:
+        """Flush and close the event file."""
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+
+
+def tensorboard_tag(name: str) -> str:
+    """Group TensorBoard charts: losses under loss/, the rest under train/; `a/b` is kept."""
+    if "/" in name:
+        return name
+    if name.startswith("loss_level_"):
+        return f"loss/level_{name.rsplit('_', 1)[1]}"
+    if name == "loss":
+        return "loss/total"
+    return f"train/{name}"
