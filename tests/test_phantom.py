@@ -78,9 +78,11 @@ def test_nifti_files_round_trip(dataset):
         assert lab.get_data_dtype() == np.uint8 and label.dtype == np.uint8
         for nifti in (img, lab):
             np.testing.assert_allclose(nifti.affine, img.affine)
-            np.testing.assert_allclose(np.diag(nifti.affine)[:3], SPACING)
-            assert np.count_nonzero(nifti.affine[:3, :3] - np.diag(SPACING)) == 0  # RAS+, diagonal
-            assert abs(nifti.affine[:3, 3] + (np.array(SHAPE) - 1) / 2 * SPACING).max() <= 30.0
+            # LAS+, diagonal: voxel x runs to the patient's left.
+            steps = np.array([-1.0, 1.0, 1.0]) * SPACING
+            assert np.count_nonzero(nifti.affine[:3, :3] - np.diag(steps)) == 0
+            assert nib.aff2axcodes(nifti.affine) == ("L", "A", "S")
+            assert abs(nifti.affine[:3, 3] + (np.array(SHAPE) - 1) / 2 * steps).max() <= 30.0
             assert int(nifti.header["qform_code"]) == 1 and int(nifti.header["sform_code"]) == 1
             np.testing.assert_allclose(nifti.get_qform(), nifti.affine, atol=1e-4)
             assert nifti.header.get_xyzt_units()[0] == "mm"
@@ -150,3 +152,16 @@ def test_cli_writes_a_default_case(tmp_path):
     img, _ = _load(tmp_path / "imagesTr" / "phantom_000_0000.nii.gz")
     assert img.shape == phantom.DEFAULT_SHAPE
     np.testing.assert_allclose(img.header.get_zooms(), phantom.DEFAULT_SPACING)
+
+
+def test_the_liver_is_on_the_patients_right_and_the_spleen_on_the_left(dataset):
+    liver, spleen = PAPER_CLASS_NAMES.index("liver"), PAPER_CLASS_NAMES.index("spleen")
+    for i in range(NUM_CASES):
+        lab, label = _load(dataset / "labelsTr" / f"phantom_{i:03d}.nii.gz")
+
+        def world_x(class_id, label=label, affine=lab.affine):
+            centre = np.argwhere(label == class_id).mean(axis=0)
+            return (affine @ [*centre, 1.0])[0]
+
+        # NIfTI world coordinates are RAS+: x grows towards the patient's right.
+        assert world_x(liver) > world_x(spleen)

@@ -9,7 +9,9 @@ alone cannot segment them well (the point of Roth et al. 2018).
 Geometry is specified in millimetres for a reference body that fills the default field of view
 (192 x 168 x 144 mm) and is scaled to the random body of each case, so a different voxel spacing
 gives the same anatomy in mm. Vessel radii are absolute millimetres (only shrunk for small fields
-of view). Voxel axes are RAS: +x patient left, +y anterior, +z superior.
+of view). Voxel axes point to the patient's left, anterior and superior; the written affine
+says so (LAS+: its first column is negative), so the liver lies on the patient's right in world
+coordinates and a viewer shows the anatomy the right way round.
 """
 
 from __future__ import annotations
@@ -853,10 +855,11 @@ def generate_case(
 def _case_affine(
     rng: np.random.Generator, shape: Sequence[int], spacing: Sequence[float]
 ) -> np.ndarray:
-    """RAS+ affine with diagonal spacing, the volume centred near world 0 (+-3 cm)."""
-    spacing = np.asarray(spacing, dtype=float)
-    centre = (np.asarray(shape) - 1) / 2.0 * spacing
-    affine = np.diag([*spacing, 1.0])
+    """LAS+ affine (voxel x runs to the patient's left), centred near world 0 (+-3 cm)."""
+    directions = np.array([-1.0, 1.0, 1.0])
+    steps = directions * np.asarray(spacing, dtype=float)
+    centre = (np.asarray(shape) - 1) / 2.0 * steps
+    affine = np.diag([*steps, 1.0])
     affine[:3, 3] = -centre + rng.uniform(-30.0, 30.0, 3)
     return affine
 
