@@ -1,0 +1,114 @@
+"""A scan in for inference, a label map out: both in the scan's own geometry.
+
+`scan_to_network_grid` and `labels_to_original` are the only two places where inference
+maps between the file's voxel grid and the network's; they follow training's
+preprocessing (data.dataset.load_case, data.intensity.normalize_hu).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+
+import ml_collections
+import nibabel as nib
+import numpy as np
+
+from autocontext_jax.data.dataset import DatasetError, Geometry
+from autocontext_jax.data.intensity import normalize_hu
+
+NIFTI_SUFFIXES = (".nii.gz", ".nii")
+
+
+def is_nifti_name(path: str | os.PathLike) -> bool:
+    """Whether the file name ends in .nii or .nii.gz."""
+    return str(path).endswith(NIFTI_SUFFIXES)
+
+
+def case_name(path: str | os.PathLike) -> str:
+    """The file name without its NIfTI suffix."""
+    name = pathlib.Path(path).name
+    for suffix in NIFTI_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def read_scan(path: str | os.PathLike) -> nib.Nifti1Image:
+    """The NIfTI image at `path`, checked to be one 3D volume (a singleton 4th axis is dropped)."""
+    try:
+        image = nib.load(path)
+    except Exception as error:  # nibabel raises many types for foreign or corrupt files
+        raise DatasetError(f"{path}: cannot read as NIfTI ({error})") from error
+    if not isinstance(image, nib.Nifti1Image):
+        raise DatasetError(f"{path}: not a NIfTI file ({type(image).__name__})")
+    if len(image.shape) == 4 and image.shape[3] == 1:
+        image = image.slicer[..., 0]
+    if len(image.shape) != 3:
+        raise DatasetError(f"{path}: expected a 3D volume, got shape {image.shape}")
+    return image
+
+
+def scan_to_network_grid(
+    image: nib.Nifti1Image, data_config: ml_collections.ConfigDict, path: str | os.PathLike
+) -> tuple[np.ndarray, Geometry]:
+    """The normalised float32 volume the network sees (RAS+ voxel order) and its geometry."""
+    canonical = nib.as_closest_canonical(image)
+    try:
+        hu = np.asarray(canonical.dataobj, dtype=np.float32)
+    except Exception as error:
+        raise DatasetError(f"{path}: cannot read the voxel data ({error})") from error
+    if not np.all(np.isfinite(hu)):
+        raise DatasetError(f"{path}: contains NaN or infinite intensities")
+    geometry = Geometry(
+        original_shape=tuple(int(n) for n in image.shape),
+        original_affine=np.asarray(image.affine, dtype=np.float64),
+        canonical_affine=np.asarray(canonical.affine, dtype=np.float64),
+        spacing=tuple(float(z) for z in canonical.header.get_zooms()[:3]),
+    )
+    return normalize_hu(hu, data_config), geometry
+
+
+def labels_to_original(labels: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Take a volume (X, Y, Z, ...) on the network's grid back to the scan's voxel order."""
+    original = nib.orientations.io_orientation(geometry.original_affine)
+    canonical = nib.orientations.axcodes2ornt("RAS")
+    back = nib.orientations.apply_orientation(
+        labels, nib.orientations.ornt_transform(canonical, original)
+    )
+    if back.shape[:3] != tuple(geometry.original_shape):
+        raise AssertionError(f"reoriented shape {back.shape} != {geometry.original_shape}")
+    return np.ascontiguousarray(back)
+
+
+def write_label_map(
+    labels: np.ndarray, reference: nib.Nifti1Image, path: str | os.PathLike
+) -> None:
+    """Write uint8 `labels` with the header of `reference` (affine, codes, zooms) to `path`.
+
+    The file is written under a temporary name in the same folder and renamed, so an
+    existing file is never left half-overwritten.
+    """
+    header = reference.header.copy()
+    header.set_data_dtype(np.uint8)
+    # The scan's intensity scaling and display window do not apply to labels.
+    header.set_slope_inter(1.0, 0.0)
+    header["cal_min"], header["cal_max"] = 0.0, float(labels.max(initial=0))
+    image = nib.Nifti1Image(labels.astype(np.uint8), None, header)
+    _atomic_save(image, pathlib.Path(path))
+
+
+def _atomic_save(image: nib.Nifti1Image, path: pathlib.Path) -> None:
+    if not is_nifti_name(path):
+        raise DatasetError(f"{path}: the output name must end in .nii or .nii.gz")
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
+    # Same folder (so the rename is atomic), same suffix (so nibabel compresses alike).
+    temporary = path.parent / f".{case_name(path)}.tmp-{os.getpid()}{suffix}"
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        nib.save(image, temporary)
+        os.replace(temporary, path)
+    except OSError as error:
+        raise DatasetError(f"{path}: cannot write there ({error})") from error
+    finally:
+        temporary.unlink(missing_ok=True)

@@ -1,0 +1,107 @@
+"""Sliding-window pyramid inference: tiling, exact blending, agreement with a full pass."""
+
+import jax
+import numpy as np
+import pytest
+
+from autocontext_jax import evaluate, inference, parallel
+from autocontext_jax.models import build_pyramid
+
+
+@pytest.fixture(scope="module")
+def pyramid(request):
+    from conftest import make_tiny_config
+
+    config = make_tiny_config()
+    config.model.width = 4
+    config.model.num_poolings = 2
+    model = build_pyramid(config)
+    images = [np.zeros((1, 4, 4, 4, 1), np.float32)] * 2
+    variables = model.init(jax.random.key(0), images)
+    # Non-trivial BatchNorm statistics, so inference must use the running averages.
+    rng = np.random.default_rng(1)
+    variables["batch_stats"] = jax.tree.map(
+        lambda leaf: leaf + rng.uniform(0.1, 0.5, leaf.shape).astype(np.float32),
+        variables["batch_stats"],
+    )
+    return model, variables
+
+
+def test_tile_starts_cover_the_grid_with_even_starts():
+    for size, tile, overlap in [(96, 32, 0.5), (100, 24, 0.25), (64, 64, 0.5), (18, 32, 0.5)]:
+        starts = inference.tile_starts(size, tile, overlap)
+        assert starts[0] == 0 and starts[-1] == max(size - tile, 0)
+        assert all(s % 2 == 0 for s in starts)
+        steps = np.diff(starts)
+        assert np.all(steps > 0) and np.all(steps <= tile * (1 - overlap) + 2)
+
+
+def test_one_tile_equals_one_full_forward_pass(pyramid):
+    model, variables = pyramid
+    image = np.random.default_rng(0).normal(size=(40, 24, 32)).astype(np.float32)
+    options = inference.TilingOptions(tile_size=32, weighting="constant")
+    tiled = inference.predict_pyramid(model, variables, image, -5.0, options)
+
+    padded = evaluate.pad_to_multiple(image, 16, -5.0)
+    full = model.apply(variables, evaluate.pyramid_volumes(padded, 2), train=False)
+    for level_tiled, level_logits in zip(tiled, full, strict=True):
+        expected = np.asarray(jax.nn.softmax(level_logits[0], axis=-1))
+        assert level_tiled.shape == expected.shape
+        np.testing.assert_allclose(level_tiled, expected, atol=1e-5)
+
+
+def _constant_output(variables, logits):
+    """The pyramid's variables with every weight zero and final biases `logits`."""
+    params = jax.tree.map(np.zeros_like, variables["params"])
+    for level in params.values():
+        level["Conv_0"]["bias"] = np.asarray(logits, np.float32)
+    return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+@pytest.mark.parametrize("weighting,mirror", [("gaussian", False), ("constant", True)])
+def test_blending_is_normalised_exactly_up_to_the_borders(pyramid, weighting, mirror):
+    model, variables = pyramid
+    logits = np.linspace(-1.0, 2.0, model.num_classes)
+    constant = _constant_output(variables, logits)
+    image = np.random.default_rng(0).normal(size=(50, 37, 21)).astype(np.float32)
+    # Small tiles: many overlapping tiles per level, the last ones flush with the far end.
+    options = inference.TilingOptions(
+        tile_size=8, overlap=0.4, weighting=weighting, mirror=mirror, tiles_per_batch=3
+    )
+    expected = np.asarray(jax.nn.softmax(logits))
+    for level in inference.predict_pyramid(model, constant, image, 0.0, options):
+        np.testing.assert_allclose(level, np.broadcast_to(expected, level.shape), rtol=1e-5)
+
+
+def test_mirroring_keeps_a_flip_equivariant_input_symmetric(pyramid):
+    model, variables = pyramid
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(32, 32, 32)).astype(np.float32)
+    image = image + image[::-1]  # symmetric about the centre of the first axis
+    options = inference.TilingOptions(tile_size=16, overlap=0.5, mirror=True)
+    for level in inference.predict_pyramid(model, variables, image, 0.0, options):
+        np.testing.assert_allclose(level, level[::-1], atol=1e-5)
+
+
+def test_upsampling_slab_by_slab_equals_one_whole_resize(monkeypatch):
+    monkeypatch.setattr(inference, "UPSAMPLE_SLAB", 3)
+    rng = np.random.default_rng(0)
+    probs = jax.nn.softmax(rng.normal(size=(11, 6, 5, 4)) * 3, axis=-1)
+    probs = np.asarray(probs, np.float32)
+    native = (41, 22, 19)  # the coarse grid covers a padded (44, 24, 20)
+    whole = jax.image.resize(probs, (44, 24, 20, 4), "trilinear")[:41, :22, :19]
+    labels = inference.upsample_to_native(probs, 4, native)
+    np.testing.assert_array_equal(labels, np.argmax(np.asarray(whole), axis=-1))
+    soft = inference.upsample_to_native(probs, 4, native, labels_only=False)
+    assert soft.dtype == np.float16
+    np.testing.assert_allclose(soft, whole, atol=1e-3)
+
+
+def test_batches_are_split_over_the_mesh(pyramid):
+    model, variables = pyramid
+    mesh = parallel.make_mesh()
+    predictor = inference.make_tile_predictor(model, (8, 8, 8), "gaussian", False, False, mesh)
+    images = np.zeros((2 * mesh.size, 8, 8, 8, 1), np.float32)
+    out = predictor(inference.level_variables(variables, 1), images, None)
+    assert out.shape == (2 * mesh.size, 8, 8, 8, model.num_classes)
+    assert out.sharding.is_equivalent_to(parallel.batch_sharded(mesh), out.ndim)
