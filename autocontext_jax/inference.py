@@ -113,6 +113,7 @@ def level_variables(variables: dict[str, Any], level: int) -> dict[str, Any]:
     return {"params": variables["params"][name], "batch_stats": variables["batch_stats"][name]}
 
 
+@functools.lru_cache(maxsize=32)
 def make_tile_predictor(
     model: AutoContextPyramid,
     tile_shape: tuple[int, int, int],
@@ -125,7 +126,8 @@ def make_tile_predictor(
 
     `images` is (B, *tile_shape, C); `coarse_context` is (B, *(tile_shape / 2 + 2), K),
     the previous level's probabilities with a one-voxel margin, or None without context.
-    The batch is split over the mesh; the weights are replicated.
+    The batch is split over the mesh; the weights are replicated. Cached, so a folder of
+    scans compiles each level and tile shape once.
     """
     net = _level_network(model)
     weights = [tile_weight_1d(n, weighting) for n in tile_shape]

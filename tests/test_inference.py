@@ -105,3 +105,24 @@ def test_batches_are_split_over_the_mesh(pyramid):
     out = predictor(inference.level_variables(variables, 1), images, None)
     assert out.shape == (2 * mesh.size, 8, 8, 8, model.num_classes)
     assert out.sharding.is_equivalent_to(parallel.batch_sharded(mesh), out.ndim)
+
+
+def test_evaluation_by_default_equals_one_whole_volume_pass(pyramid):
+    from conftest import make_tiny_config
+
+    model, variables = pyramid
+    config = make_tiny_config()
+    config.model.width, config.model.num_poolings = 4, 2
+    image_hu = np.random.default_rng(3).normal(0, 300, size=(37, 20, 26)).astype(np.float32)
+    labels = evaluate.predict_levels(model, variables, image_hu, config)
+
+    # The whole-volume prediction that evaluation made before it used tiles.
+    image = evaluate.normalize_hu(image_hu, config.data)
+    padded = evaluate.pad_to_multiple(image, 16, evaluate.normalized_pad_value(config.data))
+    logits = model.apply(variables, evaluate.pyramid_volumes(padded, 2), train=False)
+    for level_labels, level_logits in zip(labels, logits, strict=True):
+        probs = jax.nn.softmax(level_logits, axis=-1)
+        probs = jax.image.resize(probs, (1, *padded.shape, probs.shape[-1]), "trilinear")
+        expected = np.asarray(np.argmax(probs[0], axis=-1))[:37, :20, :26]
+        assert level_labels.shape == image_hu.shape
+        assert np.mean(level_labels != expected) < 1e-4  # float ties only
