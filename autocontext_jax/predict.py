@@ -34,6 +34,8 @@ from autocontext_jax.data.labels import class_names
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.pyramid import AutoContextPyramid, downsample_factor
 
+FLAGS = flags.FLAGS
+
 
 class CheckpointError(ValueError):
     """A workdir has no usable checkpoint or config; the message names the path."""
@@ -318,69 +320,68 @@ def dice_report(results: list[dict[str, Any]], num_classes: int) -> str:
     return "\n".join(lines) + "\n" + table
 
 
-_WORKDIR = flags.DEFINE_string(
-    "workdir", None, "A training run's folder (config.json, checkpoints/)."
-)
-_INPUT = flags.DEFINE_string("input", None, "A NIfTI scan, or a folder of them.")
-_OUTPUT = flags.DEFINE_string("output", None, "Output .nii.gz file, or folder for a folder input.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).")
-_TILE_SIZE = flags.DEFINE_integer(
-    "tile_size", None, "Tile edge in voxels (default: 2 x crop size)."
-)
-_OVERLAP = flags.DEFINE_float("overlap", 0.5, "Fraction of a tile shared with its neighbour.")
-_WEIGHTING = flags.DEFINE_enum(
-    "weighting", "gaussian", list(inference.WEIGHTINGS), "Tile blending."
-)
-_MIRROR = flags.DEFINE_bool("mirror", False, "Average over the 8 flips of the axes (8x slower).")
-_TILES_PER_BATCH = flags.DEFINE_integer("tiles_per_batch", 1, "Tiles per device and batch.")
-_SAVE_PROBABILITIES = flags.DEFINE_bool(
-    "save_probabilities", False, "Also write NAME_probabilities.npz (float16, scan grid)."
-)
-_SAVE_LEVELS = flags.DEFINE_bool(
-    "save_levels", False, "Also write NAME_levelS.nii.gz per coarser level."
-)
-_LABELS = flags.DEFINE_string("labels", None, "Reference labels (file or folder): print Dice.")
+def define_flags() -> None:
+    """Define the command line's flags.
+
+    Only when run as a command, so that this module can be imported beside main.py,
+    which defines --workdir too.
+    """
+    flags.DEFINE_string("workdir", None, "A training run's folder (config.json, checkpoints/).")
+    flags.DEFINE_string("input", None, "A NIfTI scan, or a folder of them.")
+    flags.DEFINE_string("output", None, "Output .nii.gz file, or folder for a folder input.")
+    flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).")
+    flags.DEFINE_integer("tile_size", None, "Tile edge in voxels (default: 2 x crop size).")
+    flags.DEFINE_float("overlap", 0.5, "Fraction of a tile shared with its neighbour.")
+    flags.DEFINE_enum("weighting", "gaussian", list(inference.WEIGHTINGS), "Tile blending.")
+    flags.DEFINE_bool("mirror", False, "Average over the 8 flips of the axes (8x slower).")
+    flags.DEFINE_integer("tiles_per_batch", 1, "Tiles per device and batch.")
+    flags.DEFINE_bool(
+        "save_probabilities", False, "Also write NAME_probabilities.npz (float16, scan grid)."
+    )
+    flags.DEFINE_bool("save_levels", False, "Also write NAME_levelS.nii.gz per coarser level.")
+    flags.DEFINE_string("labels", None, "Reference labels (file or folder): print Dice.")
 
 
 def main(argv: list[str]) -> None:
     """Restore the run, segment the inputs, print where the outputs went (and Dice)."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-    for flag in (_WORKDIR, _INPUT, _OUTPUT):
-        if flag.value is None:
-            raise app.UsageError(f"--{flag.name} is required")
-    if not flags.FLAGS["verbosity"].present:
+    for name in ("workdir", "input", "output"):
+        if FLAGS[name].value is None:
+            raise app.UsageError(f"--{name} is required")
+    if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
     try:
-        predictor = load_predictor(_WORKDIR.value, _STEP.value)
+        predictor = load_predictor(FLAGS.workdir, FLAGS.step)
         options = default_options(
             predictor.config,
-            tile_size=_TILE_SIZE.value,
-            overlap=_OVERLAP.value,
-            weighting=_WEIGHTING.value,
-            mirror=_MIRROR.value,
-            tiles_per_batch=_TILES_PER_BATCH.value,
+            tile_size=FLAGS.tile_size,
+            overlap=FLAGS.overlap,
+            weighting=FLAGS.weighting,
+            mirror=FLAGS.mirror,
+            tiles_per_batch=FLAGS.tiles_per_batch,
         )
         inference.check_options(options, predictor.model.num_poolings)
         print(
-            f"Step {predictor.step} of {_WORKDIR.value}; tiles of {options.tile_size}^3", flush=True
+            f"Step {predictor.step} of {FLAGS.workdir}; tiles of {options.tile_size}^3", flush=True
         )
         results = predict_paths(
             predictor,
-            _INPUT.value,
-            _OUTPUT.value,
+            FLAGS.input,
+            FLAGS.output,
             options,
-            label_path=_LABELS.value,
-            save_probabilities=_SAVE_PROBABILITIES.value,
-            save_levels=_SAVE_LEVELS.value,
+            label_path=FLAGS.labels,
+            save_probabilities=FLAGS.save_probabilities,
+            save_levels=FLAGS.save_levels,
         )
     except (CheckpointError, DatasetError, ValueError) as error:
         sys.exit(f"Error: {error}")
     for result in results:
         print(f"{result['output']}: {result['tiles']} tiles in {result['seconds']:.1f} s")
-    if _LABELS.value is not None:
+    if FLAGS.labels is not None:
         print(dice_report(results, predictor.model.num_classes))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
