@@ -170,7 +170,7 @@ def run(name: str, shape: tuple[int, int, int], args) -> None:
     # Air around a soft-tissue body with noise: realistic value ranges, content irrelevant.
     hu = np.full(shape, -1000.0, np.float32)
     body = tuple(slice(n // 8, n - n // 8) for n in shape)
-    hu[body] = rng.normal(40.0, 200.0, size=hu[body].shape).astype(np.float32)
+    hu[body] = 40.0 + 200.0 * rng.standard_normal(hu[body].shape, dtype=np.float32)
     image = normalize_hu(hu, config.data)
     del hu
 
