@@ -1,11 +1,18 @@
 """Sliding-window pyramid inference: tiling, exact blending, agreement with a full pass."""
 
+import os
+import pathlib
+import subprocess
+import sys
+
 import jax
 import numpy as np
 import pytest
 
 from autocontext_jax import evaluate, inference, parallel
 from autocontext_jax.models import build_pyramid
+
+TESTS = pathlib.Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
@@ -126,3 +133,19 @@ def test_evaluation_by_default_equals_one_whole_volume_pass(pyramid):
         expected = np.asarray(np.argmax(probs[0], axis=-1))[:37, :20, :26]
         assert level_labels.shape == image_hu.shape
         assert np.mean(level_labels != expected) < 1e-4  # float ties only
+
+
+def _run_inference_script(tmp_path, devices: int) -> dict:
+    out = tmp_path / f"devices_{devices}.npz"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    script = TESTS / "multidevice_inference.py"
+    subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
+    return dict(np.load(out))
+
+
+def test_one_and_four_devices_blend_the_same_probabilities(tmp_path):
+    one, four = _run_inference_script(tmp_path, 1), _run_inference_script(tmp_path, 4)
+    assert int(one["devices"]) == 1 and int(four["devices"]) == 4
+    for level in ("level_1", "level_2"):
+        np.testing.assert_allclose(one[level], four[level], atol=1e-5)
