@@ -239,7 +239,9 @@ def predict_level(
     return accumulator
 
 
-def count_tiles(shape: Sequence[int], num_levels: int, num_poolings: int, options) -> int:
+def count_tiles(
+    shape: Sequence[int], num_levels: int, num_poolings: int, options: TilingOptions
+) -> int:
     """Number of tiles the pyramid evaluates for a native volume of `shape` (no mirroring)."""
     padded = [n + (-n % (2 ** (num_levels + num_poolings))) for n in shape]
     total = 0
