@@ -105,6 +105,8 @@ def load_predictor(workdir: str | os.PathLike, step: int | None = None) -> Predi
             f"{directory / str(step)}: does not match the model of {workdir / 'config.json'} "
             f"({type(error).__name__}: {error})"
         ) from error
+    finally:
+        manager.close()
     state = train.TrainState(
         step=step,
         params=restored.get("params"),

@@ -9,22 +9,21 @@ import jax
 import numpy as np
 import pytest
 
-from autocontext_jax import evaluate, inference, parallel
+from autocontext_jax import evaluate, inference, parallel, train
 from autocontext_jax.models import build_pyramid
 
 TESTS = pathlib.Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
-def pyramid(request):
+def pyramid():
     from conftest import make_tiny_config
 
     config = make_tiny_config()
     config.model.width = 4
     config.model.num_poolings = 2
     model = build_pyramid(config)
-    images = [np.zeros((1, 4, 4, 4, 1), np.float32)] * 2
-    variables = model.init(jax.random.key(0), images)
+    variables = jax.device_get(train.init_variables(model, 0))
     # Non-trivial BatchNorm statistics, so inference must use the running averages.
     rng = np.random.default_rng(1)
     variables["batch_stats"] = jax.tree.map(
@@ -144,6 +143,7 @@ def _run_inference_script(tmp_path, devices: int) -> dict:
     return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_one_and_four_devices_blend_the_same_probabilities(tmp_path):
     one, four = _run_inference_script(tmp_path, 1), _run_inference_script(tmp_path, 4)
     assert int(one["devices"]) == 1 and int(four["devices"]) == 4
