@@ -6,7 +6,6 @@ python -m autocontext_jax.evaluate --workdir RUN [--data DIR]
 from __future__ import annotations
 
 import csv
-import functools
 import io
 import json
 import pathlib
@@ -16,7 +15,6 @@ from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
@@ -54,43 +52,38 @@ def pyramid_volumes(image: np.ndarray, num_levels: int) -> list[np.ndarray]:
     ]
 
 
-@functools.partial(jax.jit, static_argnames=("model", "native_shape"))
-def _predict_labels(
-    model: nn.Module, variables: Any, images: Sequence[jax.Array], native_shape: tuple[int, ...]
-) -> list[jax.Array]:
-    logits = model.apply(variables, list(images), train=False)
-    labels = []
-    for level_logits in logits:
-        probs = jax.nn.softmax(level_logits, axis=-1)
-        # Half-voxel-centred trilinear resize: coarse voxel j covers native block j.
-        probs = jax.image.resize(probs, (1, *native_shape, probs.shape[-1]), "trilinear")
-        labels.append(jnp.argmax(probs[0], axis=-1).astype(jnp.uint8))
-    return labels
-
-
 def predict_levels(
     model: nn.Module,
     variables: Any,
     image_hu: np.ndarray,
     config: ml_collections.ConfigDict,
     plan: preprocess.Plan | None = None,
+    options: Any = None,
 ) -> list[np.ndarray]:
-    """Label maps of every pyramid level for a whole volume, at its own grid.
+    """Label maps of every pyramid level for a whole canonical volume, at its own grid.
 
     Without a `plan`, `image_hu` is a canonical HU volume normalised with the config's
-    window; with one, it is already preprocessed by that plan.
+    window; with one, it is already preprocessed by that plan. By default each level is
+    one tile over its whole grid (one forward pass of the pyramid); `options`
+    (inference.TilingOptions) slides smaller tiles instead.
     """
+    # Imported here: inference builds on this module's padding and pyramid volumes.
+    from autocontext_jax import inference
+
     multiple = 2**config.pyramid.levels * 2**config.model.num_poolings
+    if options is None:
+        whole = max(n + (-n % multiple) for n in image_hu.shape) // 2
+        options = inference.TilingOptions(tile_size=whole, weighting="constant")
     if plan is None:
         pad_value = normalized_pad_value(config.data)
         image = normalize_hu(image_hu, config.data)
     else:
         pad_value, image = plan.pad_value, image_hu
-    padded = pad_to_multiple(image, multiple, pad_value)
-    images = pyramid_volumes(padded, config.pyramid.levels)
-    labels = _predict_labels(model, variables, images, padded.shape)
-    x, y, z = image_hu.shape
-    return [np.asarray(level)[:x, :y, :z] for level in labels]
+    probs = inference.predict_pyramid(model, variables, image, pad_value, options)
+    return [
+        inference.upsample_to_native(p, downsample_factor(s, len(probs)), image_hu.shape)
+        for s, p in enumerate(probs, start=1)
+    ]
 
 
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: int) -> np.ndarray:

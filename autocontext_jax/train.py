@@ -285,6 +285,7 @@ def prepare_data(
     if jax.process_index() == 0:
         split = {"train": [c.case_id for c in train_cases], "val": [f.case_id for f in val_files]}
         (workdir / "split.json").write_text(json.dumps(split, indent=2) + "\n")
+        preprocess.save_run_plan(workdir, plan)
     # Worker processes read their own copies; only an in-process pipeline shares these.
     preloaded = load_prepared(train_cases) if config.data.worker_count == 0 else None
     sampler = PyramidExampleSampler(train_cases, config, plan, preloaded=preloaded)

@@ -130,6 +130,22 @@ def load_plan(data_config: ml_collections.ConfigDict) -> Plan:
     return Plan.from_json(json.loads(path.read_text())["plan"])
 
 
+RUN_PLAN_FILE = "plan.json"
+
+
+def save_run_plan(workdir: str | os.PathLike, plan: Plan) -> None:
+    """Keep the plan beside a run's checkpoints, so inference needs no dataset cache."""
+    _write_json(pathlib.Path(workdir) / RUN_PLAN_FILE, {"plan": plan.to_json()})
+
+
+def load_run_plan(workdir: str | os.PathLike, data_config: ml_collections.ConfigDict) -> Plan:
+    """The plan a run trained with: its own copy, else the one in its dataset's cache."""
+    path = pathlib.Path(workdir) / RUN_PLAN_FILE
+    if path.is_file():
+        return Plan.from_json(json.loads(path.read_text())["plan"])
+    return load_plan(data_config)
+
+
 def read_geometry(case: CachedCase) -> Geometry:
     """The geometry stored with a cached case."""
     return Geometry.from_json(json.loads(case.meta.read_text())["geometry"])

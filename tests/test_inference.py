@@ -1,0 +1,151 @@
+"""Sliding-window pyramid inference: tiling, exact blending, agreement with a full pass."""
+
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from autocontext_jax import evaluate, inference, parallel, train
+from autocontext_jax.models import build_pyramid
+
+TESTS = pathlib.Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def pyramid():
+    from conftest import make_tiny_config
+
+    config = make_tiny_config()
+    config.model.width = 4
+    config.model.num_poolings = 2
+    model = build_pyramid(config)
+    variables = jax.device_get(train.init_variables(model, 0))
+    # Non-trivial BatchNorm statistics, so inference must use the running averages.
+    rng = np.random.default_rng(1)
+    variables["batch_stats"] = jax.tree.map(
+        lambda leaf: leaf + rng.uniform(0.1, 0.5, leaf.shape).astype(np.float32),
+        variables["batch_stats"],
+    )
+    return model, variables
+
+
+def test_tile_starts_cover_the_grid_with_even_starts():
+    for size, tile, overlap in [(96, 32, 0.5), (100, 24, 0.25), (64, 64, 0.5), (18, 32, 0.5)]:
+        starts = inference.tile_starts(size, tile, overlap)
+        assert starts[0] == 0 and starts[-1] == max(size - tile, 0)
+        assert all(s % 2 == 0 for s in starts)
+        steps = np.diff(starts)
+        assert np.all(steps > 0) and np.all(steps <= tile * (1 - overlap) + 2)
+
+
+def test_one_tile_equals_one_full_forward_pass(pyramid):
+    model, variables = pyramid
+    image = np.random.default_rng(0).normal(size=(40, 24, 32)).astype(np.float32)
+    options = inference.TilingOptions(tile_size=32, weighting="constant")
+    tiled = inference.predict_pyramid(model, variables, image, -5.0, options)
+
+    padded = evaluate.pad_to_multiple(image, 16, -5.0)
+    full = model.apply(variables, evaluate.pyramid_volumes(padded, 2), train=False)
+    for level_tiled, level_logits in zip(tiled, full, strict=True):
+        expected = np.asarray(jax.nn.softmax(level_logits[0], axis=-1))
+        assert level_tiled.shape == expected.shape
+        np.testing.assert_allclose(level_tiled, expected, atol=1e-5)
+
+
+def _constant_output(variables, logits):
+    """The pyramid's variables with every weight zero and final biases `logits`."""
+    params = jax.tree.map(np.zeros_like, variables["params"])
+    for level in params.values():
+        level["Conv_0"]["bias"] = np.asarray(logits, np.float32)
+    return {"params": params, "batch_stats": variables["batch_stats"]}
+
+
+@pytest.mark.parametrize("weighting,mirror", [("gaussian", False), ("constant", True)])
+def test_blending_is_normalised_exactly_up_to_the_borders(pyramid, weighting, mirror):
+    model, variables = pyramid
+    logits = np.linspace(-1.0, 2.0, model.num_classes)
+    constant = _constant_output(variables, logits)
+    image = np.random.default_rng(0).normal(size=(50, 37, 21)).astype(np.float32)
+    # Small tiles: many overlapping tiles per level, the last ones flush with the far end.
+    options = inference.TilingOptions(
+        tile_size=8, overlap=0.4, weighting=weighting, mirror=mirror, tiles_per_batch=3
+    )
+    expected = np.asarray(jax.nn.softmax(logits))
+    for level in inference.predict_pyramid(model, constant, image, 0.0, options):
+        np.testing.assert_allclose(level, np.broadcast_to(expected, level.shape), rtol=1e-5)
+
+
+def test_mirroring_keeps_a_flip_equivariant_input_symmetric(pyramid):
+    model, variables = pyramid
+    rng = np.random.default_rng(2)
+    image = rng.normal(size=(32, 32, 32)).astype(np.float32)
+    image = image + image[::-1]  # symmetric about the centre of the first axis
+    options = inference.TilingOptions(tile_size=16, overlap=0.5, mirror=True)
+    for level in inference.predict_pyramid(model, variables, image, 0.0, options):
+        np.testing.assert_allclose(level, level[::-1], atol=1e-5)
+
+
+def test_upsampling_slab_by_slab_equals_one_whole_resize(monkeypatch):
+    monkeypatch.setattr(inference, "UPSAMPLE_SLAB", 3)
+    rng = np.random.default_rng(0)
+    probs = jax.nn.softmax(rng.normal(size=(11, 6, 5, 4)) * 3, axis=-1)
+    probs = np.asarray(probs, np.float32)
+    native = (41, 22, 19)  # the coarse grid covers a padded (44, 24, 20)
+    whole = jax.image.resize(probs, (44, 24, 20, 4), "trilinear")[:41, :22, :19]
+    labels = inference.upsample_to_native(probs, 4, native)
+    np.testing.assert_array_equal(labels, np.argmax(np.asarray(whole), axis=-1))
+    soft = inference.upsample_to_native(probs, 4, native, labels_only=False)
+    assert soft.dtype == np.float16
+    np.testing.assert_allclose(soft, whole, atol=1e-3)
+
+
+def test_batches_are_split_over_the_mesh(pyramid):
+    model, variables = pyramid
+    mesh = parallel.make_mesh()
+    predictor = inference.make_tile_predictor(model, (8, 8, 8), "gaussian", False, False, mesh)
+    images = np.zeros((2 * mesh.size, 8, 8, 8, 1), np.float32)
+    out = predictor(inference.level_variables(variables, 1), images, None)
+    assert out.shape == (2 * mesh.size, 8, 8, 8, model.num_classes)
+    assert out.sharding.is_equivalent_to(parallel.batch_sharded(mesh), out.ndim)
+
+
+def test_evaluation_by_default_equals_one_whole_volume_pass(pyramid):
+    from conftest import make_tiny_config
+
+    model, variables = pyramid
+    config = make_tiny_config()
+    config.model.width, config.model.num_poolings = 4, 2
+    image_hu = np.random.default_rng(3).normal(0, 300, size=(37, 20, 26)).astype(np.float32)
+    labels = evaluate.predict_levels(model, variables, image_hu, config)
+
+    # The whole-volume prediction that evaluation made before it used tiles.
+    image = evaluate.normalize_hu(image_hu, config.data)
+    padded = evaluate.pad_to_multiple(image, 16, evaluate.normalized_pad_value(config.data))
+    logits = model.apply(variables, evaluate.pyramid_volumes(padded, 2), train=False)
+    for level_labels, level_logits in zip(labels, logits, strict=True):
+        probs = jax.nn.softmax(level_logits, axis=-1)
+        probs = jax.image.resize(probs, (1, *padded.shape, probs.shape[-1]), "trilinear")
+        expected = np.asarray(np.argmax(probs[0], axis=-1))[:37, :20, :26]
+        assert level_labels.shape == image_hu.shape
+        assert np.mean(level_labels != expected) < 1e-4  # float ties only
+
+
+def _run_inference_script(tmp_path, devices: int) -> dict:
+    out = tmp_path / f"devices_{devices}.npz"
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
+    script = TESTS / "multidevice_inference.py"
+    subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
+    return dict(np.load(out))
+
+
+@pytest.mark.slow
+def test_one_and_four_devices_blend_the_same_probabilities(tmp_path):
+    one, four = _run_inference_script(tmp_path, 1), _run_inference_script(tmp_path, 4)
+    assert int(one["devices"]) == 1 and int(four["devices"]) == 4
+    for level in ("level_1", "level_2"):
+        np.testing.assert_allclose(one[level], four[level], atol=1e-5)

@@ -1,0 +1,276 @@
+"""Predicting from a trained run: checkpoints in, NIfTI out in the input's own geometry."""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import flax
+import jax
+import nibabel as nib
+import numpy as np
+import pytest
+
+from autocontext_jax import inference, predict, train
+from autocontext_jax.data import preprocess, scans
+from autocontext_jax.data.dataset import DatasetError
+from autocontext_jax.models import build_pyramid
+
+REAL_CASE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/totalseg_example"
+if not REAL_CASE.is_dir():
+    REAL_CASE = pathlib.Path("/work/shared/data/totalseg_example")
+# TotalSegmentator "total" ids of the paper's seven structures (see the data's README).
+TOTALSEG_TO_PAPER = {52: 1, 64: 2, 5: 3, 1: 4, 6: 5, 4: 6, 7: 7}
+MARKER_HU = 800.0
+
+
+def _small_config():
+    from conftest import make_tiny_config
+
+    config = make_tiny_config()
+    config.model.width = 4
+    config.model.num_poolings = 2
+    return config
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_phantom, tmp_path_factory):
+    """A run of the phantom config trained for 2 steps (width 4): a real checkpoint."""
+    config = _small_config()
+    config.data.dir = str(tiny_phantom)
+    config.train.steps = 2
+    config.eval.at_end = False
+    workdir = tmp_path_factory.mktemp("run")
+    train.train_and_evaluate(config, str(workdir))
+    return workdir
+
+
+@pytest.fixture(scope="module")
+def threshold_predictor():
+    """A pyramid whose every level marks voxels brighter than ~240 HU as class 1.
+
+    The input channel runs unchanged through the first two and last two conv blocks (the
+    skip at full resolution); every other weight is zero; the final conv computes
+    logit_0 = 1 - x and logit_1 = x - 1 on the normalised intensity x (others -10), so
+    the decision boundary falls half-way between tissue and marker.
+    """
+    config = _small_config()
+    model = build_pyramid(config)
+    variables = train.init_variables(model, 0)
+    flat = flax.traverse_util.flatten_dict(jax.device_get(variables["params"]))
+    flat = {
+        k: np.zeros_like(v) if k[-1] in ("kernel", "bias") and "BatchNorm_0" not in k else v
+        for k, v in flat.items()
+    }
+    last = 4 * config.model.num_poolings + 1
+    for level in ("level_1", "level_2"):
+        for block in (0, 1, last - 1, last):
+            flat[(level, f"ConvBlock_{block}", "Conv_0", "kernel")][1, 1, 1, 0, 0] = 1.0
+        flat[(level, "Conv_0", "kernel")][..., 0, :2] = [-1.0, 1.0]
+        flat[(level, "Conv_0", "bias")][:] = [1.0, -1.0] + [-10.0] * (config.model.num_classes - 2)
+    params = flax.traverse_util.unflatten_dict(flat)
+    # An isotropic 1.5 mm grid: every test scan is resampled on the way in and back out.
+    plan = preprocess.Plan(
+        target_spacing=(1.5, 1.5, 1.5),
+        clip=tuple(config.data.intensity_clip),
+        mean=config.data.intensity_mean,
+        std=config.data.intensity_std,
+        pad_value_hu=config.data.pad_value_hu,
+    )
+    variables = {"params": params, "batch_stats": variables["batch_stats"]}
+    return predict.Predictor(config, model, variables, 0, plan)
+
+
+def _rotation_z(degrees):
+    angle = np.deg2rad(degrees)
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([[c, -s, 0], [s, c, 0], [0, 0, 1]])
+
+
+AFFINES = {
+    "RAS": np.diag([2.0, 1.5, 3.0]),
+    "LPS": np.diag([-2.0, -1.5, 3.0]),
+    # Rotated 30 degrees about z and axes permuted: the closest canonical is not the identity.
+    "oblique": _rotation_z(30) @ np.array([[0, 0, 2.0], [1.5, 0, 0], [0, -3.0, 0]]),
+}
+
+
+def _write_scan(path, orientation):
+    """A scan of soft tissue with one bright off-centre box; returns the box's voxel mask."""
+    shape = (33, 40, 19)
+    data = np.full(shape, 20, np.int16)
+    marker = np.zeros(shape, bool)
+    marker[4:14, 22:28, 3:11] = True
+    data[marker] = MARKER_HU
+    affine = np.eye(4)
+    affine[:3, :3] = AFFINES[orientation]
+    affine[:3, 3] = [-40.0, 25.0, 100.0]
+    image = nib.Nifti1Image(data, affine)
+    image.header.set_qform(affine, code=1)
+    image.header.set_sform(affine, code=2)
+    nib.save(image, path)
+    return marker
+
+
+def _world_centroid(mask, affine):
+    return nib.affines.apply_affine(affine, np.argwhere(mask).mean(axis=0))
+
+
+@pytest.mark.parametrize("orientation", list(AFFINES))
+def test_output_overlays_the_input_whatever_its_orientation(
+    threshold_predictor, tmp_path, orientation
+):
+    source = tmp_path / "scan.nii.gz"
+    marker = _write_scan(source, orientation)
+    output = tmp_path / "out" / "seg.nii.gz"
+    options = inference.TilingOptions(tile_size=16)
+    predict.predict_case(threshold_predictor, source, output, options)
+
+    scan, seg = nib.load(source), nib.load(output)
+    assert seg.shape == scan.shape and seg.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(seg.affine, scan.affine, atol=1e-5)
+    for coded in ("get_qform", "get_sform"):
+        scan_affine, scan_code = getattr(scan.header, coded)(coded=True)
+        seg_affine, seg_code = getattr(seg.header, coded)(coded=True)
+        assert seg_code == scan_code
+        np.testing.assert_allclose(seg_affine, scan_affine, atol=1e-5)
+    np.testing.assert_allclose(seg.header.get_zooms(), scan.header.get_zooms())
+
+    found = np.asarray(seg.dataobj) == 1
+    dice = 2 * np.sum(found & marker) / (found.sum() + marker.sum())
+    assert dice > 0.8
+    shift = _world_centroid(found, seg.affine) - _world_centroid(marker, scan.affine)
+    assert np.linalg.norm(shift) < 1.5  # mm; voxels are 1.5 to 3 mm
+
+
+def test_a_folder_gives_one_output_per_case_with_levels_and_probabilities(
+    threshold_predictor, tmp_path
+):
+    inputs = tmp_path / "scans"
+    inputs.mkdir()
+    for orientation in ("RAS", "LPS"):
+        _write_scan(inputs / f"case_{orientation}.nii.gz", orientation)
+    (inputs / "notes.txt").write_text("not a scan")
+    options = inference.TilingOptions(tile_size=16, weighting="constant")
+    results = predict.predict_paths(
+        threshold_predictor,
+        inputs,
+        tmp_path / "segs",
+        options,
+        save_levels=True,
+        save_probabilities=True,
+    )
+    assert [r["case"] for r in results] == ["case_LPS", "case_RAS"]
+    for orientation in ("RAS", "LPS"):
+        scan = nib.load(inputs / f"case_{orientation}.nii.gz")
+        level1 = nib.load(tmp_path / "segs" / f"case_{orientation}_level1.nii.gz")
+        assert level1.shape == scan.shape
+        saved = np.load(tmp_path / "segs" / f"case_{orientation}_probabilities.npz")
+        probabilities = saved["probabilities"]
+        assert probabilities.shape == (*scan.shape, 8) and probabilities.dtype == np.float16
+        np.testing.assert_allclose(probabilities.sum(axis=-1), 1.0, atol=1e-2)
+        seg = np.asarray(nib.load(tmp_path / "segs" / f"case_{orientation}.nii.gz").dataobj)
+        # Labels are resampled as one-hot maps, probabilities as soft ones: both back from
+        # the 1.5 mm grid, they may differ only in a few boundary voxels.
+        agree = np.mean((np.argmax(probabilities, axis=-1) == 1) == (seg == 1))
+        assert agree > 0.99
+
+
+def test_restores_the_latest_or_a_chosen_step_of_a_trained_run(trained_run):
+    predictor = predict.load_predictor(trained_run)
+    assert predictor.step == 2
+    assert set(predictor.variables) == {"params", "batch_stats"}
+    expected = jax.eval_shape(lambda: train.init_variables(predictor.model, 0))
+    assert jax.tree.structure(predictor.variables) == jax.tree.structure(expected)
+    with pytest.raises(predict.CheckpointError, match=r"no checkpoint of step 7 \(have \[2\]\)"):
+        predict.load_predictor(trained_run, step=7)
+
+
+def test_refuses_a_checkpoint_that_does_not_match_the_saved_config(trained_run, tmp_path):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "checkpoints").symlink_to(trained_run / "checkpoints")
+    config = json.loads((trained_run / "config.json").read_text())
+    config["model"]["width"] = 8
+    (broken / "config.json").write_text(json.dumps(config))
+    with pytest.raises(predict.CheckpointError, match="does not match the model"):
+        predict.load_predictor(broken)
+    with pytest.raises(predict.CheckpointError, match="config.json: missing"):
+        predict.load_predictor(tmp_path / "nowhere")
+
+
+def test_bad_inputs_and_outputs_get_clear_errors(threshold_predictor, tmp_path):
+    options = inference.TilingOptions(tile_size=16)
+    text = tmp_path / "scan.nii.gz"
+    text.write_text("hello")
+    with pytest.raises(DatasetError, match="scan.nii.gz: cannot read as NIfTI"):
+        predict.predict_case(threshold_predictor, text, tmp_path / "a.nii.gz", options)
+    four_d = tmp_path / "dwi.nii"
+    nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), four_d)
+    with pytest.raises(DatasetError, match=r"dwi.nii: expected a 3D volume"):
+        predict.predict_case(threshold_predictor, four_d, tmp_path / "a.nii.gz", options)
+    source = tmp_path / "ok.nii.gz"
+    _write_scan(source, "RAS")
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(DatasetError, match="cannot write there"):
+        predict.predict_case(threshold_predictor, source, blocker / "seg.nii.gz", options)
+    with pytest.raises(DatasetError, match=r"must end in \.nii or \.nii\.gz"):
+        predict.predict_case(threshold_predictor, source, tmp_path / "seg.png", options)
+
+
+def test_a_failed_write_leaves_an_existing_output_whole(tmp_path, monkeypatch):
+    output = tmp_path / "seg.nii.gz"
+    reference = nib.Nifti1Image(np.zeros((3, 3, 3), np.int16), np.eye(4))
+    scans.write_label_map(np.ones((3, 3, 3), np.uint8), reference, output)
+    before = output.read_bytes()
+
+    def failing_save(image, path):
+        pathlib.Path(path).write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(scans.nib, "save", failing_save)
+    with pytest.raises(DatasetError, match="disk full"):
+        scans.write_label_map(np.zeros((3, 3, 3), np.uint8), reference, output)
+    assert output.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
+
+
+@pytest.mark.skipif(not REAL_CASE.is_dir(), reason=f"the real example case is not at {REAL_CASE}")
+def test_command_line_segments_the_real_case_and_prints_dice(trained_run, tmp_path):
+    labels = nib.load(REAL_CASE / "labels_totalsegmentator.nii.gz")
+    ids = np.asarray(labels.dataobj)
+    paper = np.zeros(ids.shape, np.uint8)
+    for source_id, paper_id in TOTALSEG_TO_PAPER.items():
+        paper[ids == source_id] = paper_id
+    label_path = tmp_path / "labels.nii.gz"
+    nib.save(nib.Nifti1Image(paper, labels.affine, labels.header), label_path)
+    output = tmp_path / "seg.nii.gz"
+    command = [
+        sys.executable, "-m", "autocontext_jax.predict",
+        "--workdir", str(trained_run),
+        "--input", str(REAL_CASE / "ct.nii.gz"),
+        "--output", str(output),
+        "--labels", str(label_path),
+        "--tile_size", "16",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "| Dice (%) | artery | portal_vein | liver |" in result.stdout
+    scan, seg = nib.load(REAL_CASE / "ct.nii.gz"), nib.load(output)
+    assert seg.shape == scan.shape and np.allclose(seg.affine, scan.affine)
+    values = np.asarray(seg.dataobj)
+    assert values.dtype == np.uint8 and values.max() < 8
+
+
+def test_command_line_names_a_missing_checkpoint(tmp_path):
+    _write_scan(tmp_path / "scan.nii.gz", "RAS")
+    command = [
+        sys.executable, "-m", "autocontext_jax.predict",
+        "--workdir", str(tmp_path),
+        "--input", str(tmp_path / "scan.nii.gz"),
+        "--output", str(tmp_path / "seg.nii.gz"),
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode != 0
+    assert f"Error: {tmp_path / 'config.json'}: missing" in result.stderr
