@@ -267,10 +267,13 @@ def predict_pyramid(
 
     The volume is padded at its far ends with `pad_value` to a multiple of
     2^levels * 2^poolings, so level grids nest exactly; level s's output covers the padded
-    volume downsampled by 2^(S-s+1).
+    volume downsampled by 2^(S-s+1). By default the tiles are spread over this process's
+    own devices: in a multi-host run every process predicts on its own, from its own copy
+    of the (replicated) variables.
     """
     check_options(options, model.num_poolings)
-    mesh = mesh or parallel.make_mesh()
+    mesh = mesh or parallel.make_local_mesh()
+    variables = jax.tree.map(parallel.local_copy, variables)
     multiple = 2**model.num_levels * 2**model.num_poolings
     volumes = pyramid_volumes(pad_to_multiple(image, multiple, pad_value), model.num_levels)
     outputs: list[np.ndarray] = []

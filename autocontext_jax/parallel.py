@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -12,6 +14,18 @@ DATA_AXIS = "data"
 def make_mesh() -> Mesh:
     """A 1D mesh over all devices of all processes, named `data`."""
     return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def make_local_mesh() -> Mesh:
+    """A 1D mesh over this process's own devices, named `data` (work each process does alone)."""
+    return Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+
+
+def local_copy(value: Any) -> Any:
+    """A replicated array that spans other processes' devices, as this process's own copy."""
+    if isinstance(value, jax.Array) and not value.is_fully_addressable:
+        return np.asarray(value.addressable_data(0))
+    return value
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

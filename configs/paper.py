@@ -41,4 +41,9 @@ def get_config() -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 1000
     config.train.log_every = 50
     config.data.worker_count = 4
+    # The paper's augmentation: random translations, rotations and elastic deformations.
+    config.augment.rotation_probability = 0.2
+    config.augment.scale_probability = 0.2
+    config.augment.translation_probability = 0.2
+    config.augment.elastic_probability = 0.1
     return config

@@ -25,11 +25,12 @@ def test_depth_folded_convolution_equals_the_plain_one_with_gradients():
     def loss(function):
         return lambda x, k: jnp.sum(function(x, k) * probe)
 
-    np.testing.assert_allclose(
-        conv3d_same(x, kernel, "depth_folded"), _plain(x, kernel), rtol=1e-5, atol=1e-4
-    )
-    folded = jax.grad(loss(lambda x, k: conv3d_same(x, k, "depth_folded")), (0, 1))(x, kernel)
-    plain = jax.grad(loss(_plain), (0, 1))(x, kernel)
+    with jax.default_matmul_precision("highest"):
+        folded_value = conv3d_same(x, kernel, "depth_folded")
+        plain_value = _plain(x, kernel)
+        folded = jax.grad(loss(lambda x, k: conv3d_same(x, k, "depth_folded")), (0, 1))(x, kernel)
+        plain = jax.grad(loss(_plain), (0, 1))(x, kernel)
+    np.testing.assert_allclose(folded_value, plain_value, rtol=1e-5, atol=1e-4)
     for ours, reference in zip(folded, plain, strict=True):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
 
@@ -65,8 +66,11 @@ def test_unet_outputs_and_gradients_agree_across_lowerings():
 
         return jax.jit(jax.value_and_grad(value, has_aux=True))(variables["params"])
 
-    (_, native_logits), native_grads = loss(native)
-    (_, folded_logits), folded_grads = loss(folded)
+    # Full float32 products: GPUs otherwise run float32 convolutions in TF32, differently
+    # rounded for the two lowerings, and the comparison would measure that instead.
+    with jax.default_matmul_precision("highest"):
+        (_, native_logits), native_grads = loss(native)
+        (_, folded_logits), folded_grads = loss(folded)
     np.testing.assert_allclose(folded_logits, native_logits, rtol=1e-4, atol=1e-4)
     for ours, reference in zip(
         jax.tree.leaves(folded_grads), jax.tree.leaves(native_grads), strict=True

@@ -57,11 +57,10 @@ def _restore(workdir, like=None):
     saved = json.loads((pathlib.Path(workdir) / "config.json").read_text())
     manager = checkpointing.make_manager(workdir, ml_collections.ConfigDict(saved))
     step = manager.latest_step()
-    if like is None:
-        tree = manager.restore(step)
-    else:
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-        tree = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    # A checkpoint holds the train state beside the input pipeline's: read the state.
+    abstract = None if like is None else jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
+    tree = manager.restore(step, args=args).state
     manager.close()
     return step, tree
 

@@ -46,7 +46,7 @@ def test_names_use_only_the_keys_that_vary(tmp_path):
         "levels-2_mode-none",
     ]
     assert runs[2].workdir == str(tmp_path / "runs" / "levels-2_mode-none")
-    assert runs[2].overrides["model.width"] == 4
+    assert runs[2].overrides["model.width"] == 8
 
 
 def test_repeated_settings_are_refused():
@@ -71,7 +71,7 @@ def test_the_generated_command_is_accepted_by_main(tmp_path):
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "level 2: downsample x2, 9 input channels" in result.stdout
-    assert "width: 4" in result.stdout
+    assert "width: 8" in result.stdout
 
 
 def test_tpu_command_runs_on_every_worker_as_one_job():
