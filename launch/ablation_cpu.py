@@ -1,4 +1,4 @@
-"""A small pyramid-depth x context ablation on the phantom that runs in ~10 minutes on a CPU.
+"""A small pyramid-depth x context ablation on the phantom that runs in ~7 minutes on a CPU.
 
     python launch/sweep.py run launch/ablation_cpu.py --runs_dir runs/ablation_cpu
     python launch/sweep.py report launch/ablation_cpu.py --runs_dir runs/ablation_cpu
