@@ -98,9 +98,7 @@ def _smooth_field(control: np.ndarray, edge: int) -> np.ndarray:
     return np.einsum("zk,cxyk->cxyz", weights, field)
 
 
-def source_coordinates(
-    centre: Sequence[int], edge: int, transform: SpatialTransform
-) -> np.ndarray:
+def source_coordinates(centre: Sequence[int], edge: int, transform: SpatialTransform) -> np.ndarray:
     """The (3, E, E, E) volume coordinates that the E^3 output region reads."""
     offsets = (np.arange(edge) - edge // 2).astype(np.float32)
     matrix = transform.matrix.astype(np.float32)

@@ -11,12 +11,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import grain
-from absl import flags
 import ml_collections
 import numpy as np
+from absl import flags
 
 from autocontext_jax.data.augment import augmented_pyramid_crops, sample_spatial_transform
 from autocontext_jax.data.dataset import Case, DatasetError
@@ -169,7 +169,7 @@ class LocalToGlobalExample:
 
 
 class ResumableBatches:
-    """This process's batches, remembering the Grain state after each recent one.
+    """The batches of this process, remembering the Grain state after each recent one.
 
     The train loop reads ahead of the step it runs (device prefetch), so the state to save
     with step k's checkpoint is the one after the k-th batch, not the iterator's current one.
@@ -226,7 +226,7 @@ def train_batches(
     process_count: int = 1,
     saved_state: dict | None = None,
 ) -> ResumableBatches:
-    """This process's share of the global batches of steps start_step .. train.steps - 1.
+    """The share of this process in the global batches of steps start_step .. train.steps - 1.
 
     With the `saved_state` of a checkpoint at `start_step` the Grain iterator is restored
     from it; without one (or when the worker count changed, which changes Grain's state)
