@@ -21,7 +21,12 @@ import ml_collections
 import numpy as np
 from scipy import ndimage
 
-from autocontext_jax.data.sampling import box_downsample, class_fractions, level_region
+from autocontext_jax.data.sampling import (
+    box_downsample,
+    class_fractions,
+    extract_box,
+    level_region,
+)
 from autocontext_jax.models.pyramid import downsample_factor
 
 
@@ -115,20 +120,6 @@ def source_coordinates(centre: Sequence[int], edge: int, transform: SpatialTrans
     return coordinates
 
 
-def _block(volume: np.ndarray, low: np.ndarray, high: np.ndarray, pad_value) -> np.ndarray:
-    """volume[low:high] (per axis), padded with `pad_value` where it leaves the volume."""
-    out = np.full(tuple(high - low), pad_value, dtype=volume.dtype)
-    src, dst = [], []
-    for lo, hi, n in zip(low, high, volume.shape, strict=True):
-        a, b = max(lo, 0), min(hi, n)
-        if a >= b:
-            return out
-        src.append(slice(a, b))
-        dst.append(slice(a - lo, b - lo))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
-
-
 def warp_region(
     image: np.ndarray,
     label: np.ndarray,
@@ -146,8 +137,8 @@ def warp_region(
     low = np.floor(coordinates.reshape(3, -1).min(axis=1)).astype(int) - 1
     high = np.ceil(coordinates.reshape(3, -1).max(axis=1)).astype(int) + 2
     coordinates -= low.astype(np.float32)[:, None, None, None]
-    image_block = _block(image, low, high, np.float32(image_pad_value))
-    label_block = _block(label, low, high, np.uint8(0))
+    image_block = extract_box(image, low, high, np.float32(image_pad_value))
+    label_block = extract_box(label, low, high, np.uint8(0))
     warped_image = ndimage.map_coordinates(
         image_block, coordinates, order=1, mode="constant", cval=image_pad_value, prefilter=False
     )

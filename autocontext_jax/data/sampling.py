@@ -26,20 +26,29 @@ def level_region(
     return start, edge
 
 
+def extract_box(
+    volume: np.ndarray, low: Sequence[int], high: Sequence[int], pad_value: float | int
+) -> np.ndarray:
+    """`volume[low:high]` (per axis), padded with `pad_value` where it leaves the volume."""
+    out = np.full(
+        tuple(int(h - lo) for lo, h in zip(low, high, strict=True)), pad_value, volume.dtype
+    )
+    src, dst = [], []
+    for lo, hi, n in zip(low, high, volume.shape, strict=True):
+        a, b = max(lo, 0), min(hi, n)
+        if a >= b:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - lo, b - lo))
+    out[tuple(dst)] = volume[tuple(src)]
+    return out
+
+
 def extract_region(
     volume: np.ndarray, start: Sequence[int], edge: int, pad_value: float | int
 ) -> np.ndarray:
     """The cube `volume[start : start + edge]`, padded with `pad_value` outside the volume."""
-    out = np.full((edge,) * 3, pad_value, dtype=volume.dtype)
-    src, dst = [], []
-    for s, n in zip(start, volume.shape, strict=True):
-        lo, hi = max(s, 0), min(s + edge, n)
-        if lo >= hi:
-            return out
-        src.append(slice(lo, hi))
-        dst.append(slice(lo - s, hi - s))
-    out[tuple(dst)] = volume[tuple(src)]
-    return out
+    return extract_box(volume, start, [s + edge for s in start], pad_value)
 
 
 def _blocks(volume: np.ndarray, factor: int) -> np.ndarray:
