@@ -28,7 +28,7 @@ from absl import app, flags, logging
 
 from autocontext_jax import evaluate, inference, parallel, train
 from autocontext_jax.data import preprocess, scans
-from autocontext_jax.data.dataset import DatasetError, remap_labels
+from autocontext_jax.data.dataset import DatasetError, read_nifti, remap_labels
 from autocontext_jax.data.labels import class_names
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.pyramid import AutoContextPyramid, downsample_factor
@@ -157,7 +157,7 @@ def read_reference_labels(
 
     The run's `data.label_map` turns the dataset's ids into model classes, as in training.
     """
-    reference = scans.read_scan(path)
+    reference = read_nifti(path)
     if reference.shape != scan.shape:
         raise DatasetError(
             f"{path}: label shape {reference.shape} differs from the scan's {scan.shape}"
@@ -188,7 +188,7 @@ def predict_case(
     model = predictor.model
     check_writable(output_path)
     start = time.perf_counter()
-    scan = scans.read_scan(input_path)
+    scan = read_nifti(input_path)
     reference = None
     if label_path is not None:
         reference = read_reference_labels(pathlib.Path(label_path), scan, predictor.config)

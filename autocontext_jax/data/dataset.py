@@ -194,6 +194,9 @@ def read_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
         image = nib.load(path)
     except Exception as error:  # nibabel raises many types for foreign or corrupt files
         raise DatasetError(f"{path}: cannot read as NIfTI ({error})") from error
+    if not isinstance(image, nib.Nifti1Image):
+        # nibabel also opens Analyze, MGH, MINC...: formats without a NIfTI header to copy.
+        raise DatasetError(f"{path}: not a NIfTI file ({type(image).__name__})")
     return checked_3d(image, path)
 
 

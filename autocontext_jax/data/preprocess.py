@@ -264,10 +264,15 @@ def labels_to_original(labels: np.ndarray, geometry: Geometry) -> np.ndarray:
             f"{geometry.preprocessed_shape}"
         )
     canonical = resample_labels(labels, geometry.canonical_shape, "linear_argmax")
+    return canonical_to_original(canonical, geometry)
+
+
+def canonical_to_original(volume: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Undo the reorientation to RAS+ of a (X, Y, Z, ...) volume on the canonical grid."""
     to_original = nib.orientations.ornt_transform(
         _RAS, nib.orientations.io_orientation(geometry.original_affine)
     )
-    return np.ascontiguousarray(nib.orientations.apply_orientation(canonical, to_original))
+    return np.ascontiguousarray(nib.orientations.apply_orientation(volume, to_original))
 
 
 def preprocessed_affine(geometry: Geometry) -> np.ndarray:

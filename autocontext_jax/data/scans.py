@@ -34,21 +34,6 @@ def case_name(path: str | os.PathLike) -> str:
     return name
 
 
-def read_scan(path: str | os.PathLike) -> nib.Nifti1Image:
-    """The NIfTI image at `path`, checked to be one 3D volume (a singleton 4th axis is dropped)."""
-    try:
-        image = nib.load(path)
-    except Exception as error:  # nibabel raises many types for foreign or corrupt files
-        raise DatasetError(f"{path}: cannot read as NIfTI ({error})") from error
-    if not isinstance(image, nib.Nifti1Image):
-        raise DatasetError(f"{path}: not a NIfTI file ({type(image).__name__})")
-    if len(image.shape) == 4 and image.shape[3] == 1:
-        image = image.slicer[..., 0]
-    if len(image.shape) != 3:
-        raise DatasetError(f"{path}: expected a 3D volume, got shape {image.shape}")
-    return image
-
-
 def probabilities_to_original(probs: np.ndarray, geometry: Geometry) -> np.ndarray:
     """Per-class probabilities (X, Y, Z, K) on the preprocessed grid, on the scan's own grid.
 
@@ -63,12 +48,7 @@ def probabilities_to_original(probs: np.ndarray, geometry: Geometry) -> np.ndarr
             ],
             axis=-1,
         )
-    to_original = nib.orientations.ornt_transform(
-        nib.orientations.axcodes2ornt("RAS"),
-        nib.orientations.io_orientation(geometry.original_affine),
-    )
-    back = nib.orientations.apply_orientation(probs, to_original)
-    return np.ascontiguousarray(back)
+    return preprocess.canonical_to_original(probs, geometry)
 
 
 def write_label_map(
