@@ -25,22 +25,13 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from autocontext_jax import inference, parallel  # noqa: E402
+from autocontext_jax.config_files import load_config_file  # noqa: E402
 from autocontext_jax.data.intensity import normalize_hu, normalized_pad_value  # noqa: E402
 from autocontext_jax.models import build_pyramid  # noqa: E402
 from autocontext_jax.models.flops import unet_forward_flops  # noqa: E402
 from autocontext_jax.models.pyramid import downsample_factor  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-
-
-def load_config(name: str):
-    """configs/NAME.py's config."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(f"config_{name}", CONFIGS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def level_tiles(config, shape, options):
@@ -103,7 +94,7 @@ def warm_up(model, variables, plan, options, mesh) -> float:
 
 def run(name: str, shape: tuple[int, int, int], args) -> None:
     """Benchmark one config and print its line."""
-    config = load_config(name)
+    config = load_config_file(CONFIGS / f"{name}.py")
     for field in ("width", "num_poolings"):
         if getattr(args, field) is not None:
             config.model[field] = getattr(args, field)

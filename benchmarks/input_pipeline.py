@@ -12,18 +12,15 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import sys
 import tempfile
 import time
 
 import jax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-
-from conftest import load_config  # noqa: E402
 
 from autocontext_jax import parallel, train  # noqa: E402
+from autocontext_jax.config_files import load_config_file  # noqa: E402
 from autocontext_jax.data import dataset as dataset_lib  # noqa: E402
 from autocontext_jax.data import phantom, preprocess  # noqa: E402
 from autocontext_jax.data.pipeline import PyramidExampleSampler, train_batches  # noqa: E402
@@ -87,13 +84,13 @@ def main() -> None:
         phantom.write_phantom_dataset(data_dir, args.cases, seed=0, workers=2)
         for name, batches in (("default", args.batches), ("paper", args.paper_batches)):
             for workers in args.workers:
-                config = load_config(name)
+                config = load_config_file(REPO / "configs" / f"{name}.py")
                 config.data.dir = str(data_dir)
                 config.data.worker_count = workers
                 rate = pipeline_examples_per_second(config, data_dir, batches)
                 label = f"pipeline {name}, {workers} worker(s)"
                 print(f"{label:<40} {rate:8.2f} examples/s", flush=True)
-        config = load_config("default")
+        config = load_config_file(REPO / "configs" / "default.py")
         config.data.dir = str(data_dir)
         rate = step_examples_per_second(config, data_dir, args.batches)
         print(f"{'train step default':<40} {rate:8.2f} examples/s", flush=True)

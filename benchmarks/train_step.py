@@ -28,6 +28,7 @@ import numpy as np
 from absl import app, flags
 
 from autocontext_jax import parallel, train
+from autocontext_jax.config_files import load_config_file
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.conv import resolve_conv_impl
 from autocontext_jax.models.flops import train_step_flops
@@ -45,17 +46,9 @@ _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch reference when installed.")
 
 
-def load_config(name: str) -> ml_collections.ConfigDict:
-    """configs/NAME.py's config, loaded by path as the command line does."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
-
-
 def case_config(name: str, scope: str, impl: str) -> ml_collections.ConfigDict:
     """The config of one benchmark case."""
-    config = load_config(name)
+    config = load_config_file(REPO / "configs" / f"{name}.py")
     if name == "paper":
         config.train.batch_size = _PAPER_BATCH.value
     if scope == "unet":

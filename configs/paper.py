@@ -6,25 +6,16 @@ Batch 3 from different volumes, Adam, 20,000 steps. Sized for an accelerator; on
 use it with --dry_run or a few steps. Point `--config.data.dir` at your own dataset.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
 
-
-def _default_config() -> ml_collections.ConfigDict:
-    # Loaded by path so the file works from any working directory.
-    spec = importlib.util.spec_from_file_location(
-        "autocontext_default_config", pathlib.Path(__file__).with_name("default.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+from autocontext_jax.config_files import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:
     """Return the paper's configuration."""
-    config = _default_config()
+    config = load_config_file(pathlib.Path(__file__).with_name("default.py"))
     config.data.dir = "data/phantom"
     config.data.crop_size = 64
     config.model.width = 32

@@ -7,10 +7,11 @@ preprocessing (cached in data/totalseg_example_preprocessed), label remapping, a
 training steps on a CPU in a minute or two. There is no held-out case, so no evaluation.
 """
 
-import importlib.util
 import pathlib
 
 import ml_collections
+
+from autocontext_jax.config_files import load_config_file
 
 # TotalSegmentator v2 "total" id -> paper class (../shared/data/totalseg_example/README.md).
 TOTALSEGMENTATOR_TO_PAPER = (
@@ -22,16 +23,6 @@ TOTALSEGMENTATOR_TO_PAPER = (
     (4, 6),  # gallbladder
     (7, 7),  # pancreas
 )
-
-
-def _default_config() -> ml_collections.ConfigDict:
-    # Loaded by path so the file works from any working directory.
-    spec = importlib.util.spec_from_file_location(
-        "autocontext_default_config", pathlib.Path(__file__).with_name("default.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
 
 
 def _example_dir() -> pathlib.Path:
@@ -46,7 +37,7 @@ def _example_dir() -> pathlib.Path:
 
 def get_config() -> ml_collections.ConfigDict:
     """Return the configuration of the TotalSegmentator example."""
-    config = _default_config()
+    config = load_config_file(pathlib.Path(__file__).with_name("default.py"))
     config.data.dir = str(_example_dir())
     config.data.pairs = (("ct.nii.gz", "labels_totalsegmentator.nii.gz"),)
     config.data.label_map = TOTALSEGMENTATOR_TO_PAPER

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 
 import ml_collections
 import pytest
 
+from autocontext_jax.config_files import load_config_file
 from autocontext_jax.data import phantom
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -17,10 +17,7 @@ TINY_PHANTOM_SPACING = (4.0, 4.0, 4.0)
 
 def load_config(name: str) -> ml_collections.ConfigDict:
     """The config of configs/NAME.py, loaded by path as the command line does."""
-    spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config_file(REPO / "configs" / f"{name}.py")
 
 
 def make_tiny_config(data_dir: str = "unused") -> ml_collections.ConfigDict:
