@@ -65,8 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 8
     config.model.compute_dtype = "float32"
     config.model.bn_momentum = 0.9
-    # 3x3x3 convolution lowering: auto (depth_folded on CPU, native on GPU/TPU) | native |
-    # depth_folded. All compute the same function; see autocontext_jax/models/conv.py.
+    # 3x3x3 convolution lowering: auto (folded on CPU, native on GPU/TPU) | native |
+    # depth_folded | folded. All compute the same function; see autocontext_jax/models/conv.py.
     config.model.conv_impl = "auto"
 
     config.pyramid = ml_collections.ConfigDict()

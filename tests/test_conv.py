@@ -17,22 +17,48 @@ def _plain(x, kernel):
     )
 
 
-def test_depth_folded_convolution_equals_the_plain_one_with_gradients():
-    x = jax.random.normal(jax.random.key(0), (2, 5, 6, 7, 3))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 3, 4))
-    probe = jax.random.normal(jax.random.key(2), (2, 5, 6, 7, 4))
+@pytest.mark.parametrize("impl", ["depth_folded", "folded"])
+@pytest.mark.parametrize(
+    ("shape", "out_channels", "size"),
+    [
+        ((2, 5, 6, 7, 3), 4, 3),  # C < O: forward folds the input, input gradient the output
+        ((1, 6, 4, 5, 5), 2, 3),  # C > O: the other way round
+        ((1, 4, 3, 6, 2), 2, 3),  # C = O
+        ((1, 7, 6, 5, 2), 3, 5),  # a 5x5x5 kernel
+    ],
+)
+def test_folded_convolutions_equal_the_plain_one_with_gradients(impl, shape, out_channels, size):
+    x = jax.random.normal(jax.random.key(0), shape)
+    kernel = jax.random.normal(jax.random.key(1), (size, size, size, shape[-1], out_channels))
+    probe = jax.random.normal(jax.random.key(2), (*shape[:-1], out_channels))
 
     def loss(function):
         return lambda x, k: jnp.sum(function(x, k) * probe)
 
     with jax.default_matmul_precision("highest"):
-        folded_value = conv3d_same(x, kernel, "depth_folded")
+        folded_value = conv3d_same(x, kernel, impl)
         plain_value = _plain(x, kernel)
-        folded = jax.grad(loss(lambda x, k: conv3d_same(x, k, "depth_folded")), (0, 1))(x, kernel)
+        folded = jax.grad(loss(lambda x, k: conv3d_same(x, k, impl)), (0, 1))(x, kernel)
         plain = jax.grad(loss(_plain), (0, 1))(x, kernel)
     np.testing.assert_allclose(folded_value, plain_value, rtol=1e-5, atol=1e-4)
     for ours, reference in zip(folded, plain, strict=True):
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
+
+
+def test_folded_convolution_works_under_vmap_and_in_bfloat16():
+    x = jax.random.normal(jax.random.key(7), (3, 1, 4, 4, 4, 2))
+    kernel = jax.random.normal(jax.random.key(8), (3, 3, 3, 2, 3))
+    batched = jax.vmap(lambda v: conv3d_same(v, kernel, "folded"))(x)
+    np.testing.assert_allclose(
+        batched, _plain(x.reshape(3, 4, 4, 4, 2), kernel)[:, None], rtol=1e-5, atol=1e-4
+    )
+    # Mixed precision: the kernel gradient comes back in the kernel's dtype.
+    low = jax.grad(lambda k: conv3d_same(x[0].astype(jnp.bfloat16), k, "folded").sum())(
+        kernel.astype(jnp.bfloat16)
+    )
+    assert low.dtype == jnp.bfloat16
+    reference = jax.grad(lambda k: _plain(x[0], k).sum())(kernel)
+    np.testing.assert_allclose(low.astype(jnp.float32), reference, rtol=5e-2, atol=5e-1)
 
 
 def test_conv3d_module_matches_flax_conv_parameter_for_parameter():
@@ -48,10 +74,11 @@ def test_conv3d_module_matches_flax_conv_parameter_for_parameter():
     )
 
 
-def test_unet_outputs_and_gradients_agree_across_lowerings():
+@pytest.mark.parametrize("impl", ["depth_folded", "folded"])
+def test_unet_outputs_and_gradients_agree_across_lowerings(impl):
     x = jax.random.normal(jax.random.key(5), (2, 4, 8, 4, 1))
     native = UNet3D(num_classes=3, width=2, num_poolings=1, conv_impl="native")
-    folded = native.clone(conv_impl="depth_folded")
+    folded = native.clone(conv_impl=impl)
     variables = native.init(jax.random.key(6), x)
 
     def loss(model):
@@ -79,7 +106,7 @@ def test_unet_outputs_and_gradients_agree_across_lowerings():
 
 
 def test_auto_lowering_and_bad_names():
-    expected = "depth_folded" if jax.default_backend() == "cpu" else "native"
+    expected = "folded" if jax.default_backend() == "cpu" else "native"
     assert resolve_conv_impl("auto") == expected
     with pytest.raises(ValueError, match="conv_impl"):
         resolve_conv_impl("winograd")
