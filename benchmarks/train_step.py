@@ -58,6 +58,14 @@ def case_config(name: str, scope: str, impl: str) -> ml_collections.ConfigDict:
     return config
 
 
+def impl_label(impl: str) -> str:
+    """The lowering's name; for `auto`, what it picks on this backend (per layer on CPU)."""
+    if impl != "auto":
+        return impl
+    resolved = resolve_conv_impl(impl)
+    return "auto: folded from 32³ voxels" if resolved == "folded" else f"auto: {resolved}"
+
+
 def median_seconds(function, repeats: int) -> float:
     """Median wall time of `function()` (which must block until its work is done)."""
     times = []
@@ -166,7 +174,7 @@ def main(argv: list[str]) -> None:
                 ratio = f"{result['median_s'] / torch_seconds:.2f}" if torch_seconds else "-"
                 print(
                     f"| {name} | {scope} | {config.train.batch_size} x {config.data.crop_size}³ "
-                    f"| {config.model.width} | {resolve_conv_impl(impl)} "
+                    f"| {config.model.width} | {impl_label(impl)} "
                     f"| {result['compile_s']:.1f} | {result['median_s']:.3f} "
                     f"| {voxels / result['median_s'] / 1e6:.2f} | {gflops:.1f} "
                     f"| {100 * gflops / peak:.0f} | {result['memory_mb']:.0f} "
