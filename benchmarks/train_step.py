@@ -30,7 +30,7 @@ from absl import app, flags
 from autocontext_jax import parallel, train
 from autocontext_jax.config_files import load_config_file
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.models.conv import resolve_conv_impl
+from autocontext_jax.models.conv import FOLDED_MIN_VOXELS, resolve_conv_impl
 from autocontext_jax.models.flops import train_step_flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -63,7 +63,10 @@ def impl_label(impl: str) -> str:
     if impl != "auto":
         return impl
     resolved = resolve_conv_impl(impl)
-    return "auto: folded from 32³ voxels" if resolved == "folded" else f"auto: {resolved}"
+    if resolved != "folded":
+        return f"auto: {resolved}"
+    side = round(FOLDED_MIN_VOXELS ** (1 / 3))
+    return f"auto: folded from {side}³ voxels, else depth_folded"
 
 
 def median_seconds(function, repeats: int) -> float:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 # folded: the per-shape folding with the hand-written gradient above.
 CONV_IMPLS = ("auto", "native", "depth_folded", "folded")
 # Below this many voxels per layer, `auto` keeps autodiff's gradient on CPU (see below).
-_FOLDED_MIN_VOXELS = 32**3
+FOLDED_MIN_VOXELS = 32**3
 
 
 def resolve_conv_impl(impl: str, voxels: int | None = None) -> str:
@@ -49,7 +49,7 @@ def resolve_conv_impl(impl: str, voxels: int | None = None) -> str:
         return impl
     if jax.default_backend() != "cpu":
         return "native"
-    if voxels is not None and voxels < _FOLDED_MIN_VOXELS:
+    if voxels is not None and voxels < FOLDED_MIN_VOXELS:
         return "depth_folded"
     return "folded"
 
