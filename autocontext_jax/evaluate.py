@@ -59,13 +59,15 @@ def predict_levels(
     config: ml_collections.ConfigDict,
     plan: preprocess.Plan | None = None,
     options: Any = None,
+    grid_shape: Sequence[int] | None = None,
 ) -> list[np.ndarray]:
     """Label maps of every pyramid level for a whole canonical volume, at its own grid.
 
     Without a `plan`, `image_hu` is a canonical HU volume normalised with the config's
     window; with one, it is already preprocessed by that plan. By default each level is
     one tile over its whole grid (one forward pass of the pyramid); `options`
-    (inference.TilingOptions) slides smaller tiles instead.
+    (inference.TilingOptions) slides smaller tiles instead. `grid_shape` puts the labels
+    on another grid of the same extent (the scan's canonical grid) instead.
     """
     # Imported here: inference builds on this module's padding and pyramid volumes.
     from autocontext_jax import inference
@@ -81,7 +83,9 @@ def predict_levels(
         pad_value, image = plan.pad_value, image_hu
     probs = inference.predict_pyramid(model, variables, image, pad_value, options)
     return [
-        inference.upsample_to_native(p, downsample_factor(s, len(probs)), image_hu.shape)
+        inference.upsample_to_native(
+            p, downsample_factor(s, len(probs)), image_hu.shape, grid_shape=grid_shape
+        )
         for s, p in enumerate(probs, start=1)
     ]
 
@@ -102,10 +106,10 @@ def predict_case(
 ) -> list[np.ndarray]:
     """Every level's labels of a case, preprocessed as in training, on its canonical grid."""
     image, geometry = preprocess.preprocess_canonical(case.image, case.geometry, plan)
-    return [
-        preprocess.resample_labels(labels, geometry.canonical_shape, "linear_argmax")
-        for labels in predict_levels(model, variables, image, config, plan)
-    ]
+    # Probabilities go straight to the canonical grid, resampled once.
+    return predict_levels(
+        model, variables, image, config, plan, grid_shape=geometry.canonical_shape
+    )
 
 
 def evaluate_cases(

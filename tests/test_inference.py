@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from scipy import ndimage
 
 from autocontext_jax import evaluate, inference, parallel, train
 from autocontext_jax.models import build_pyramid
@@ -90,7 +91,7 @@ def test_mirroring_keeps_a_flip_equivariant_input_symmetric(pyramid):
 
 
 def test_upsampling_slab_by_slab_equals_one_whole_resize(monkeypatch):
-    monkeypatch.setattr(inference, "UPSAMPLE_SLAB", 3)
+    monkeypatch.setattr(inference, "SLAB_VALUES", 3 * 22 * 19 * 4)
     rng = np.random.default_rng(0)
     probs = jax.nn.softmax(rng.normal(size=(11, 6, 5, 4)) * 3, axis=-1)
     probs = np.asarray(probs, np.float32)
@@ -101,6 +102,31 @@ def test_upsampling_slab_by_slab_equals_one_whole_resize(monkeypatch):
     soft = inference.upsample_to_native(probs, 4, native, labels_only=False)
     assert soft.dtype == np.float16
     np.testing.assert_allclose(soft, whole, atol=1e-3)
+
+
+def test_upsampling_onto_another_grid_interpolates_the_probabilities_once(monkeypatch):
+    # The scan's own grid, finer along x and coarser along y than the native grid.
+    monkeypatch.setattr(inference, "SLAB_VALUES", 4 * 15 * 19 * 4)
+    rng = np.random.default_rng(1)
+    probs = jax.nn.softmax(rng.normal(size=(11, 6, 5, 4)) * 3, axis=-1)
+    probs = np.asarray(probs, np.float32)
+    native, grid, factor = (41, 22, 19), (57, 15, 19), 4
+    scale = np.asarray(native) / np.asarray(grid) / factor
+    expected = np.stack(
+        [
+            ndimage.affine_transform(
+                probs[..., k], scale, 0.5 * scale - 0.5, output_shape=grid, order=1, mode="nearest"
+            )
+            for k in range(4)
+        ],
+        axis=-1,
+    )
+    soft = inference.upsample_to_native(probs, factor, native, False, grid_shape=grid)
+    np.testing.assert_allclose(soft, expected, atol=1e-3)
+    labels = inference.upsample_to_native(probs, factor, native, grid_shape=grid)
+    assert labels.shape == grid and labels.dtype == np.uint8
+    # Argmax of the interpolated probabilities, up to float32 near-ties.
+    assert (labels == np.argmax(expected, axis=-1)).mean() > 0.999
 
 
 def test_batches_are_split_over_the_mesh(pyramid):

@@ -7,8 +7,9 @@ The JSON is written last and removed first, so a case is complete exactly when i
 names the current inputs; a rerun skips such cases. `plan.json` holds the `Plan`: the
 spacing and intensity normalisation shared by training and inference.
 
-Inference calls two functions of this module: `preprocess_image` (the exact transform
-training applies to an image) and `labels_to_original` (its inverse, for label maps).
+Inference calls `preprocess_image` (the exact transform training applies to an image) and
+`canonical_to_original` (the reorientation undone, once its probabilities are on the
+canonical grid); `labels_to_original` inverts the whole transform for a label map.
 """
 
 from __future__ import annotations

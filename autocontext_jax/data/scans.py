@@ -1,9 +1,8 @@
 """A scan in for inference, a label map out: both in the scan's own geometry.
 
 The scan goes to the network's grid by training's own transform
-(`data.preprocess.preprocess_image`), and labels come back by its inverse
-(`data.preprocess.labels_to_original`); this module reads and checks scans, brings soft
-probabilities back the same way, and writes label maps with the scan's header.
+(`data.preprocess.preprocess_image`); this module reads and checks scans and writes label
+maps with the scan's header.
 """
 
 from __future__ import annotations
@@ -14,8 +13,7 @@ import pathlib
 import nibabel as nib
 import numpy as np
 
-from autocontext_jax.data import preprocess
-from autocontext_jax.data.dataset import DatasetError, Geometry
+from autocontext_jax.data.dataset import DatasetError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -32,23 +30,6 @@ def case_name(path: str | os.PathLike) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
-
-
-def probabilities_to_original(probs: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """Per-class probabilities (X, Y, Z, K) on the preprocessed grid, on the scan's own grid.
-
-    The inverse of `preprocess.preprocess_image` for soft outputs: each class is resampled
-    linearly to the canonical grid, then the reorientation is undone.
-    """
-    if tuple(geometry.preprocessed_shape) != tuple(geometry.canonical_shape):
-        probs = np.stack(
-            [
-                preprocess.resample_image(probs[..., k], geometry.canonical_shape, order=1)
-                for k in range(probs.shape[-1])
-            ],
-            axis=-1,
-        )
-    return preprocess.canonical_to_original(probs, geometry)
 
 
 def write_label_map(
