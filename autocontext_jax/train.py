@@ -9,7 +9,7 @@ import math
 import pathlib
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax
 import flax.linen as nn
@@ -32,6 +32,9 @@ from autocontext_jax.data.pipeline import (
 )
 from autocontext_jax.losses import segmentation_loss
 from autocontext_jax.models import build_pyramid
+
+if TYPE_CHECKING:
+    import orbax.checkpoint as ocp
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
@@ -94,6 +97,28 @@ def create_train_state(
         # A copy: the step donates the state, and one buffer cannot be donated twice.
         ema_params=jax.tree.map(jnp.copy, params),
     )
+
+
+def restore_or_create_state(
+    manager: ocp.CheckpointManager,
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    sharding: jax.sharding.Sharding,
+) -> tuple[TrainState, int | None]:
+    """(state, step) of the newest checkpoint of `manager`, or a fresh state and None.
+
+    The checkpoint is restored into shapes alone, so a resumed run, an evaluation or a
+    plot never compiles and runs the initialisation only to overwrite it.
+    """
+    abstract = jax.eval_shape(lambda: create_train_state(model, optimizer, seed))
+    target = jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract
+    )
+    state, step = checkpointing.restore_latest(manager, target)
+    if step is None:
+        state = jax.device_put(create_train_state(model, optimizer, seed), sharding)
+    return state, step
 
 
 def count_parameters(tree: Any) -> int:
@@ -366,11 +391,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     model = build_pyramid(config)
     optimizer = make_optimizer(config.train)
     mesh = parallel.make_mesh()
-    state = jax.device_put(
-        create_train_state(model, optimizer, config.seed), parallel.replicated(mesh)
-    )
     manager = checkpointing.make_manager(workdir_path, config)
-    state, restored_step = checkpointing.restore_latest(manager, state)
+    state, restored_step = restore_or_create_state(
+        manager, model, optimizer, config.seed, parallel.replicated(mesh)
+    )
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
     saved_pipeline = None
