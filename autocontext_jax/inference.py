@@ -24,6 +24,7 @@ from jax.sharding import Mesh
 
 from autocontext_jax import parallel
 from autocontext_jax.evaluate import pad_to_multiple, pyramid_volumes
+from autocontext_jax.models import conv
 from autocontext_jax.models.pyramid import AutoContextPyramid, upsample_and_crop
 from autocontext_jax.models.unet import UNet3D
 
@@ -158,6 +159,7 @@ def make_tile_predictor(
         predict,
         in_shardings=(replicated, sharded, sharded if with_context else None),
         out_shardings=sharded,
+        compiler_options=conv.compiler_options(),
     )
 
 

@@ -31,7 +31,7 @@ from autocontext_jax.data.pipeline import (
     train_batches,
 )
 from autocontext_jax.losses import segmentation_loss
-from autocontext_jax.models import build_pyramid
+from autocontext_jax.models import build_pyramid, conv
 
 if TYPE_CHECKING:
     import orbax.checkpoint as ocp
@@ -246,6 +246,7 @@ def jit_train_step(
         in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
+        compiler_options=conv.compiler_options(),
     )
 
 

@@ -6,7 +6,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autocontext_jax.models.conv import Conv3D, conv3d_same, resolve_conv_impl
+from autocontext_jax.models.conv import (
+    Conv3D,
+    compiler_options,
+    conv3d_same,
+    resolve_conv_impl,
+)
 from autocontext_jax.models.flops import unet_forward_flops
 from autocontext_jax.models.unet import UNet3D
 
@@ -133,6 +138,29 @@ def _jaxpr_flops(jaxpr) -> int:
             if hasattr(param, "jaxpr"):
                 total += _jaxpr_flops(param.jaxpr)
     return total
+
+
+def test_cpu_programs_compile_without_ynnpack_and_compute_the_same():
+    assert compiler_options("gpu") is None
+    options = compiler_options("cpu")
+    if options is None:
+        pytest.skip("this XLA has no YNNPACK fusion to turn off")
+    assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}
+    x = jax.random.normal(jax.random.key(0), (2, 6, 8, 8, 4))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 3, 4, 8))
+
+    def loss(x, kernel):
+        return jnp.sum(conv3d_same(x, kernel, "folded") ** 2)
+
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), compiler_options=options)
+    lowered = grad.lower(x, kernel).compile().as_text()
+    assert "__ynn_fusion" not in lowered
+    for ours, xla in zip(
+        jax.tree.leaves(grad(x, kernel)),
+        jax.tree.leaves(jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(x, kernel)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, xla, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("poolings,in_channels", [(1, 1), (3, 9)])
