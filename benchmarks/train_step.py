@@ -30,7 +30,7 @@ from absl import app, flags
 from autocontext_jax import parallel, train
 from autocontext_jax.config_files import load_config_file
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.models.conv import FOLDED_MIN_VOXELS, resolve_conv_impl
+from autocontext_jax.models.conv import resolve_conv_impl
 from autocontext_jax.models.flops import train_step_flops
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -59,14 +59,8 @@ def case_config(name: str, scope: str, impl: str) -> ml_collections.ConfigDict:
 
 
 def impl_label(impl: str) -> str:
-    """The lowering's name; for `auto`, what it picks on this backend (per layer on CPU)."""
-    if impl != "auto":
-        return impl
-    resolved = resolve_conv_impl(impl)
-    if resolved != "folded":
-        return f"auto: {resolved}"
-    side = round(FOLDED_MIN_VOXELS ** (1 / 3))
-    return f"auto: folded from {side}³ voxels, else depth_folded"
+    """The lowering's name; for `auto`, what it picks on this backend."""
+    return f"auto: {resolve_conv_impl(impl)}" if impl == "auto" else impl
 
 
 def median_seconds(function, repeats: int) -> float:

@@ -65,9 +65,8 @@ def get_config() -> ml_collections.ConfigDict:
     config.model.num_classes = 8
     config.model.compute_dtype = "float32"
     config.model.bn_momentum = 0.9
-    # 3x3x3 convolution lowering: auto (native on GPU/TPU; on CPU folded for layers of 32^3
-    # voxels or more, depth_folded below) | native | depth_folded | folded. All compute the
-    # same function; see autocontext_jax/models/conv.py.
+    # 3x3x3 convolution lowering: auto (native on GPU/TPU, depth_folded on CPU) | native |
+    # depth_folded | folded. All compute the same function; see autocontext_jax/models/conv.py.
     config.model.conv_impl = "auto"
 
     config.pyramid = ml_collections.ConfigDict()

@@ -112,10 +112,10 @@ def test_unet_outputs_and_gradients_agree_across_lowerings(impl):
 
 def test_auto_lowering_and_bad_names():
     cpu = jax.default_backend() == "cpu"
-    assert resolve_conv_impl("auto") == ("folded" if cpu else "native")
-    # Small layers keep autodiff's gradient on CPU; an explicit choice is always honoured.
-    assert resolve_conv_impl("auto", 2 * 24**3) == ("depth_folded" if cpu else "native")
-    assert resolve_conv_impl("folded", 8) == "folded"
+    assert resolve_conv_impl("auto") == ("depth_folded" if cpu else "native")
+    # An explicit choice is always honoured.
+    assert resolve_conv_impl("folded") == "folded"
+    assert resolve_conv_impl("native") == "native"
     with pytest.raises(ValueError, match="conv_impl"):
         resolve_conv_impl("winograd")
 

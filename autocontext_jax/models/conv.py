@@ -1,23 +1,26 @@
 """The U-Net's 3x3x3 convolution, lowered the way each backend runs fastest.
 
 XLA's CPU backend runs a 3D convolution through a generic path at about a tenth of the
-matmul peak, while its 2D convolution (YNNPACK, XLA's CPU kernel library) and its matrix
-products run at a third to three quarters of it. So on CPU a k x k x k "same" convolution
-becomes 2D convolutions over (H, W), with every depth slice a batch element:
+matmul peak, while its 2D convolutions and matrix products run at a third to three
+quarters of it. So on CPU a k x k x k "same" convolution becomes 2D convolutions over
+(H, W), with every depth slice a batch element:
 
 - input folding: the k depth neighbours of every voxel stacked as k C input channels;
 - output folding: one 2D convolution to k O channels, the partial sums of the k depth
   taps, then added with a shift of one slice per tap.
 
-YNNPACK's kernels are fastest with many output channels, so the forward pass folds the
-output when C >= O and the input otherwise. The input gradient is itself a "same"
-convolution (kernel flipped, channels swapped), lowered by the same rule. The kernel
-gradient, which XLA's autodiff turns into a slow convolution whose kernel is the whole
-image, is one matrix product per depth slice between that slice's k^3 C x (B H W) patch
-matrix (built channels-first, so its copies are long contiguous runs) and the output
-gradient. GPUs and TPUs run the native 3D convolution (cuDNN, the TPU convolution unit).
-Every lowering is the same function of the same kernel, so parameters and checkpoints do
-not care which one ran.
+`depth_folded` is input folding differentiated by autodiff, and what `auto` runs on CPU.
+`folded` has its own gradient, written for YNNPACK (the CPU kernel library XLA uses by
+default), whose kernels are fastest with many output channels and slow on the
+convolution autodiff makes of the kernel gradient: its forward pass folds the output when
+C >= O and the input otherwise, its input gradient (the same "same" convolution, kernel
+flipped, channels swapped) follows the same rule, and its kernel gradient is one matrix
+product per depth slice between that slice's k^3 C x (B H W) patch matrix (built
+channels-first, so its copies are long contiguous runs) and the output gradient. Our
+programs compile without YNNPACK (`compiler_options`); XLA's Eigen kernels then run both
+lowerings about equally fast, and `depth_folded` compiles in half the time. GPUs and TPUs
+run the native 3D convolution (cuDNN, the TPU convolution unit). Every lowering is the
+same function of the same kernel, so parameters and checkpoints do not care which ran.
 """
 
 from __future__ import annotations
@@ -32,33 +35,26 @@ import jax.numpy as jnp
 # native: XLA's 3D convolution; depth_folded: input folding differentiated by autodiff;
 # folded: the per-shape folding with the hand-written gradient above.
 CONV_IMPLS = ("auto", "native", "depth_folded", "folded")
-# Below this many voxels per layer, `auto` keeps autodiff's gradient on CPU (see below).
-FOLDED_MIN_VOXELS = 32**3
 
 
-def resolve_conv_impl(impl: str, voxels: int | None = None) -> str:
-    """The lowering `impl` stands for on the default backend, for a layer of `voxels` (B D H W).
+def resolve_conv_impl(impl: str) -> str:
+    """The lowering `impl` stands for on the default backend.
 
-    `auto` is the native convolution on GPU and TPU. On CPU it is `folded` for layers of at
-    least 32^3 voxels, where its gradient is 1.1-1.7x faster than autodiff's, and
-    `depth_folded` below that, where the two ran equally fast and autodiff's compiles in
-    about half the time (benchmarks/train_step.py; the default config's 2 x 24^3 crops).
+    `auto` is the native convolution on GPU and TPU and `depth_folded` on CPU: compiled
+    without YNNPACK, it ran as fast as `folded` at the default and the paper crops
+    (within 2-4 %, interleaved in one process) and compiles in about half the time.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
     if impl != "auto":
         return impl
-    if jax.default_backend() != "cpu":
-        return "native"
-    if voxels is not None and voxels < FOLDED_MIN_VOXELS:
-        return "depth_folded"
-    return "folded"
+    return "depth_folded" if jax.default_backend() == "cpu" else "native"
 
 
 # On CPU, XLA hands 2D convolutions and matrix products to YNNPACK by default; with that
-# library turned off it runs them through Eigen, which made the train step 5-10 % faster at
-# the default config's crops and 2 % at the paper's (interleaved runs in one process on the
-# 2-core CPU; per layer it is faster for some shapes, slower for others).
+# library turned off it runs them through Eigen. Interleaved in one process on the 2-core
+# CPU: the default train step 5-10 % faster, the paper's 6 % (with depth_folded), a forward
+# pass of an inference tile 1.3-1.5x faster; per layer, faster for most shapes, not all.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
@@ -188,7 +184,7 @@ _folded.defvjp(_folded_fwd, _folded_bwd)
 
 def conv3d_same(x: jnp.ndarray, kernel: jnp.ndarray, impl: str = "auto") -> jnp.ndarray:
     """Stride-1 "same" 3D convolution of channels-last `x` with a (k, k, k, C, O) kernel."""
-    impl = resolve_conv_impl(impl, x.size // x.shape[-1])
+    impl = resolve_conv_impl(impl)
     size = kernel.shape[0]
     if impl == "native" or size == 1:
         return jax.lax.conv_general_dilated(
