@@ -306,14 +306,12 @@ def restore_run(workdir: str | pathlib.Path) -> tuple[ml_collections.ConfigDict,
     model = build_pyramid(config)
     optimizer = train.make_optimizer(config.train)
     mesh = parallel.make_mesh()
+    target = train.abstract_train_state(model, optimizer, config.seed, parallel.replicated(mesh))
     manager = checkpointing.make_manager(workdir, config)
-    if manager.latest_step() is None:
-        manager.close()
-        raise FileNotFoundError(f"{pathlib.Path(workdir) / 'checkpoints'}: no checkpoint")
-    state, step = train.restore_or_create_state(
-        manager, model, optimizer, config.seed, parallel.replicated(mesh)
-    )
+    state, step = checkpointing.restore_latest(manager, target)
     manager.close()
+    if step is None:
+        raise FileNotFoundError(f"{pathlib.Path(workdir) / 'checkpoints'}: no checkpoint")
     return config, model, train.evaluation_variables(state, config.train), step
 
 

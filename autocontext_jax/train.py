@@ -99,6 +99,23 @@ def create_train_state(
     )
 
 
+def abstract_train_state(
+    model: nn.Module,
+    optimizer: optax.GradientTransformation,
+    seed: int,
+    sharding: jax.sharding.Sharding,
+) -> TrainState:
+    """The train state's shapes, dtypes and sharding, without computing it.
+
+    A checkpoint restored into this never compiles and runs the initialisation only to
+    overwrite it.
+    """
+    abstract = jax.eval_shape(lambda: create_train_state(model, optimizer, seed))
+    return jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract
+    )
+
+
 def restore_or_create_state(
     manager: ocp.CheckpointManager,
     model: nn.Module,
@@ -106,15 +123,8 @@ def restore_or_create_state(
     seed: int,
     sharding: jax.sharding.Sharding,
 ) -> tuple[TrainState, int | None]:
-    """(state, step) of the newest checkpoint of `manager`, or a fresh state and None.
-
-    The checkpoint is restored into shapes alone, so a resumed run, an evaluation or a
-    plot never compiles and runs the initialisation only to overwrite it.
-    """
-    abstract = jax.eval_shape(lambda: create_train_state(model, optimizer, seed))
-    target = jax.tree.map(
-        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), abstract
-    )
+    """(state, step) of the newest checkpoint of `manager`, or a fresh state and None."""
+    target = abstract_train_state(model, optimizer, seed, sharding)
     state, step = checkpointing.restore_latest(manager, target)
     if step is None:
         state = jax.device_put(create_train_state(model, optimizer, seed), sharding)
