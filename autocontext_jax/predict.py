@@ -208,36 +208,31 @@ def predict_case(
         )
     del volume
     finest = model.num_levels
-    # Each level's probabilities are interpolated once, straight onto the scan's canonical
-    # grid, and only then turned into labels (no label map on the preprocessed grid).
-    canonical = geometry.canonical_shape
-    labels = inference.upsample_to_native(
-        probs[-1], downsample_factor(finest, finest), native_shape, grid_shape=canonical
-    )
-    labels = preprocess.canonical_to_original(labels, geometry)
+
+    def on_scan_grid(level: int, labels_only: bool = True) -> np.ndarray:
+        # The level's probabilities interpolated once, straight onto the scan's canonical
+        # grid (labels: argmax there, no label map on the preprocessed grid), then the
+        # reorientation undone.
+        canonical = inference.upsample_to_native(
+            probs[level - 1],
+            downsample_factor(level, finest),
+            native_shape,
+            labels_only,
+            grid_shape=geometry.canonical_shape,
+        )
+        return preprocess.canonical_to_original(canonical, geometry)
+
+    labels = on_scan_grid(finest)
     scans.write_label_map(labels, scan, output_path)
     result: dict[str, Any] = {"case": scans.case_name(input_path), "output": str(output_path)}
     if save_levels:
         for level in range(1, finest):
-            level_labels = inference.upsample_to_native(
-                probs[level - 1],
-                downsample_factor(level, finest),
-                native_shape,
-                grid_shape=canonical,
+            scans.write_label_map(
+                on_scan_grid(level), scan, side_output(output_path, f"level{level}")
             )
-            path = side_output(output_path, f"level{level}")
-            level_labels = preprocess.canonical_to_original(level_labels, geometry)
-            scans.write_label_map(level_labels, scan, path)
     if save_probabilities:
-        soft = inference.upsample_to_native(
-            probs[-1],
-            downsample_factor(finest, finest),
-            native_shape,
-            labels_only=False,
-            grid_shape=canonical,
-        )
         write_probabilities(
-            preprocess.canonical_to_original(soft, geometry),
+            on_scan_grid(finest, labels_only=False),
             scan,
             side_output(output_path, "probabilities", ".npz"),
             model.num_classes,
