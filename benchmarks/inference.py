@@ -25,38 +25,37 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-from autocontext_jax import inference, parallel  # noqa: E402
+from autocontext_jax import inference  # noqa: E402
 from autocontext_jax.config_files import load_config_file  # noqa: E402
-from autocontext_jax.data.intensity import normalize_hu, normalized_pad_value  # noqa: E402
+from autocontext_jax.data.plan import Plan  # noqa: E402
+from autocontext_jax.data.sampling import downsample_factor  # noqa: E402
+from autocontext_jax.inference import tiling  # noqa: E402
 from autocontext_jax.models import build_pyramid  # noqa: E402
 from autocontext_jax.models.flops import unet_forward_flops  # noqa: E402
-from autocontext_jax.models.pyramid import downsample_factor  # noqa: E402
+from autocontext_jax.models.init import init_variables  # noqa: E402
+from autocontext_jax.training import parallel  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
-def level_tiles(config, shape, options):
+def level_tiles(model, shape, options):
     """(grid, tile shape, tile count, in channels) of every level for a native `shape`."""
-    levels, poolings = config.pyramid.levels, config.model.num_poolings
-    padded = [n + (-n % 2 ** (levels + poolings)) for n in shape]
+    padded = [n + (-n % model.padding_multiple) for n in shape]
+    tile = (options.tile_size,) * 3
     out = []
-    for level in range(1, levels + 1):
-        grid = [n // downsample_factor(level, levels) for n in padded]
-        tile = tuple(min(options.tile_size, n) for n in grid)
+    for level in range(1, model.num_levels + 1):
+        grid = [n // downsample_factor(level, model.num_levels) for n in padded]
         count = math.prod(
-            len(inference.tile_starts(n, t, options.overlap))
-            for n, t in zip(grid, tile, strict=True)
+            len(tiling.tile_starts(n, options.tile_size, options.overlap)) for n in grid
         )
-        context = level > 1 and config.pyramid.mode != "none"
-        channels = config.model.in_channels + (config.model.num_classes if context else 0)
-        out.append((grid, tile, count, channels))
+        out.append((grid, tile, count, model.level_in_channels(level)))
     return out
 
 
 def xla_flops(model, variables, level, tile, channels, options, mesh) -> float:
     """XLA's FLOP count of one tile of `level` (a check of the analytic count)."""
-    context = level > 1 and model.mode != "none"
-    predictor = inference.make_tile_predictor(
+    context = model.takes_context(level)
+    predictor = tiling.make_tile_predictor(
         model, tile, options.weighting, options.mirror, context, mesh
     )
     batch = mesh.size
@@ -66,7 +65,7 @@ def xla_flops(model, variables, level, tile, channels, options, mesh) -> float:
         if context
         else None
     )
-    lowered = predictor.lower(inference.level_variables(variables, level), images, coarse)
+    lowered = predictor.lower(tiling.level_variables(variables, level), images, coarse)
     cost = lowered.compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", float("nan"))) / batch
@@ -76,8 +75,8 @@ def warm_up(model, variables, plan, options, mesh) -> float:
     """Compile every level's tile predictor (cached) by running one batch; seconds taken."""
     start = time.perf_counter()
     for level, (_, tile, _, _) in enumerate(plan, start=1):
-        context = level > 1 and model.mode != "none"
-        predictor = inference.make_tile_predictor(
+        context = model.takes_context(level)
+        predictor = tiling.make_tile_predictor(
             model, tile, options.weighting, options.mirror, context, mesh
         )
         batch = options.tiles_per_batch * mesh.size
@@ -92,9 +91,7 @@ def warm_up(model, variables, plan, options, mesh) -> float:
             if context
             else None
         )
-        jax.block_until_ready(
-            predictor(inference.level_variables(variables, level), images, coarse)
-        )
+        jax.block_until_ready(predictor(tiling.level_variables(variables, level), images, coarse))
     return time.perf_counter() - start
 
 
@@ -106,11 +103,7 @@ def run(name: str, shape: tuple[int, int, int], args) -> None:
         if getattr(args, field) is not None:
             config.model[field] = getattr(args, field)
     model = build_pyramid(config)
-    # Not train.init_variables: the benchmark should not need the training input pipeline.
-    edge = 2**model.num_poolings
-    images = [np.zeros((1, edge, edge, edge, model.in_channels), np.float32)] * model.num_levels
-    # The rbg generator: initialisation compiles several times faster than with threefry.
-    variables = jax.jit(model.init)(jax.random.key(0, impl="rbg"), images)
+    variables = init_variables(model, 0)
     variables = jax.device_put(variables, parallel.replicated(parallel.make_mesh()))
     options = inference.TilingOptions(
         tile_size=args.tile_size or 2 * config.data.crop_size,
@@ -120,7 +113,7 @@ def run(name: str, shape: tuple[int, int, int], args) -> None:
         tiles_per_batch=args.tiles_per_batch,
     )
     mesh = parallel.make_mesh()
-    plan = level_tiles(config, shape, options)
+    plan = level_tiles(model, shape, options)
     flips = 8 if options.mirror else 1
     model_config = config.model
     flops = flips * sum(
@@ -143,14 +136,13 @@ def run(name: str, shape: tuple[int, int, int], args) -> None:
     hu = np.full(shape, -1000.0, np.float32)
     body = tuple(slice(n // 8, n - n // 8) for n in shape)
     hu[body] = 40.0 + 200.0 * rng.standard_normal(hu[body].shape, dtype=np.float32)
-    image = normalize_hu(hu, config.data)
+    window = Plan.window(config.data, (1.0, 1.0, 1.0))
+    image = window.normalize(hu)
     del hu
 
     for _ in range(args.repeat):
         start = time.perf_counter()
-        probs = inference.predict_pyramid(
-            model, variables, image, normalized_pad_value(config.data), options, mesh
-        )
+        probs = inference.predict_pyramid(model, variables, image, window.pad_value, options, mesh)
         tiled = time.perf_counter() - start
         labels = inference.upsample_to_native(
             probs[-1], downsample_factor(level, level), shape, grid_shape=scan_shape

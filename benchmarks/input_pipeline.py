@@ -19,17 +19,20 @@ import jax
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
-from autocontext_jax import parallel, train  # noqa: E402
+from autocontext_jax import phantom  # noqa: E402
 from autocontext_jax.config_files import load_config_file  # noqa: E402
+from autocontext_jax.data import cache  # noqa: E402
 from autocontext_jax.data import dataset as dataset_lib  # noqa: E402
-from autocontext_jax.data import phantom, preprocess  # noqa: E402
 from autocontext_jax.data.pipeline import PyramidExampleSampler, train_batches  # noqa: E402
 from autocontext_jax.models import build_pyramid  # noqa: E402
+from autocontext_jax.training import parallel  # noqa: E402
+from autocontext_jax.training.state import create_train_state, make_optimizer  # noqa: E402
+from autocontext_jax.training.step import jit_train_step, make_train_step  # noqa: E402
 
 
 def _sampler(config, data_dir: pathlib.Path) -> PyramidExampleSampler:
     files = dataset_lib.list_cases(data_dir)
-    plan, cached = preprocess.ensure_preprocessed(config, files, files)
+    plan, cached = cache.ensure_preprocessed(config, files, files)
     return PyramidExampleSampler([cached[f.case_id] for f in files], config, plan)
 
 
@@ -49,12 +52,12 @@ def step_examples_per_second(config, data_dir: pathlib.Path, steps: int) -> floa
     config.train.steps = steps + 1
     config.train.schedule = "constant"  # the step costs the same; no warm-up to fit
     model = build_pyramid(config)
-    optimizer = train.make_optimizer(config.train)
+    optimizer = make_optimizer(config.train)
     mesh = parallel.make_mesh()
     state = jax.device_put(
-        train.create_train_state(model, optimizer, config.seed), parallel.replicated(mesh)
+        create_train_state(model, optimizer, config.seed), parallel.replicated(mesh)
     )
-    step = train.jit_train_step(train.make_train_step(model, optimizer, config), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     sharding = parallel.batch_sharded(mesh)
     batches = [
         parallel.put_batch(b, sharding)

@@ -27,11 +27,13 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
-from autocontext_jax import parallel, train
 from autocontext_jax.config_files import load_config_file
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.conv import resolve_conv_impl
 from autocontext_jax.models.flops import train_step_flops
+from autocontext_jax.training import parallel
+from autocontext_jax.training.state import create_train_state, make_optimizer
+from autocontext_jax.training.step import jit_train_step, make_train_step
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -116,12 +118,12 @@ def peak_memory_mb(compiled) -> float:
 
 
 def time_jax_step(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
-    """Compile and time the project's train step (train.make_train_step) for `config`."""
+    """Compile and time the project's train step (training.step.make_train_step) for `config`."""
     mesh = parallel.make_mesh()
     model = build_pyramid(config)
-    optimizer = train.make_optimizer(config.train)
-    state = train.create_train_state(model, optimizer, config.seed)
-    step = train.jit_train_step(train.make_train_step(model, optimizer, config), mesh)
+    optimizer = make_optimizer(config.train)
+    state = create_train_state(model, optimizer, config.seed)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     batch = parallel.put_batch(synthetic_batch(config), parallel.batch_sharded(mesh))
     rng = jax.random.key(0)
     start = time.perf_counter()

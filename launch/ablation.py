@@ -10,7 +10,7 @@ context, so its modes are one run per seed. Every run evaluates the same held-ou
 (data.split_seed is not swept), so the report's paired tests compare like with like.
 """
 
-from autocontext_jax.sweep import product
+from autocontext_jax.cli.sweep import product
 
 CONFIG = "configs/default.py"
 

@@ -9,7 +9,7 @@ workflow and the direction of the effect, not the paper's numbers.
 With one level there is no context, so the two modes are the same run and run once.
 """
 
-from autocontext_jax.sweep import product
+from autocontext_jax.cli.sweep import product
 
 CONFIG = "configs/default.py"
 

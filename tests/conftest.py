@@ -7,8 +7,8 @@ import pathlib
 import ml_collections
 import pytest
 
+from autocontext_jax import phantom
 from autocontext_jax.config_files import load_config_file
-from autocontext_jax.data import phantom
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_PHANTOM_SHAPE = (48, 40, 32)

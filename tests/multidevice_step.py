@@ -10,8 +10,10 @@ import jax
 import numpy as np
 from conftest import make_tiny_config
 
-from autocontext_jax import parallel, train
 from autocontext_jax.models import build_pyramid
+from autocontext_jax.training import parallel
+from autocontext_jax.training.state import create_train_state, make_optimizer
+from autocontext_jax.training.step import jit_train_step, make_train_step
 
 
 def main(out: str) -> None:
@@ -25,10 +27,10 @@ def main(out: str) -> None:
         "label": np.eye(8, dtype=np.float32)[rng.integers(0, 8, size=shape)],
     }
     model = build_pyramid(config)
-    optimizer = train.make_optimizer(config.train)
+    optimizer = make_optimizer(config.train)
     mesh = parallel.make_mesh()
-    state = jax.device_put(train.create_train_state(model, optimizer, 0), parallel.replicated(mesh))
-    step = train.jit_train_step(train.make_train_step(model, optimizer, config), mesh)
+    state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     key = jax.random.key(7)
     losses = []
     for _ in range(2):

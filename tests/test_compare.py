@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from autocontext_jax import compare
+from autocontext_jax.evaluation import compare
 
 
 def _result(case_ids, level_values, metric="dice"):

@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 
 from autocontext_jax.data import dataset as dataset_lib
-from autocontext_jax.data.dataset import DatasetError
+from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.pipeline import prepare_case
+from autocontext_jax.data.plan import Plan
 
 AFFINE = np.diag([2.0, 2.0, 3.0, 1.0])
 
@@ -140,7 +141,11 @@ def test_a_case_without_foreground_is_named(tmp_path, tiny_config):
     root = _dataset(tmp_path, label=np.zeros((8, 6, 4), np.uint8))
     files = dataset_lib.list_cases(root)[0]
     with pytest.raises(DatasetError, match="no foreground"):
-        prepare_case(dataset_lib.load_case(files, 8), tiny_config.data, str(files.label))
+        prepare_case(
+            dataset_lib.load_case(files, 8),
+            Plan.window(tiny_config.data, (2.0, 2.0, 3.0)),
+            str(files.label),
+        )
 
 
 def test_the_split_is_seeded_and_disjoint(tmp_path):

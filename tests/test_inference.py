@@ -10,8 +10,13 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from autocontext_jax import evaluate, inference, parallel, train
+from autocontext_jax import inference
+from autocontext_jax.inference import tiling, upsample
+from autocontext_jax.inference.pyramid import pad_to_multiple, pyramid_volumes
 from autocontext_jax.models import build_pyramid
+from autocontext_jax.models.init import init_variables
+from autocontext_jax.models.pyramid import upsample_and_crop
+from autocontext_jax.training import parallel
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -24,7 +29,7 @@ def pyramid():
     config.model.width = 4
     config.model.num_poolings = 2
     model = build_pyramid(config)
-    variables = jax.device_get(train.init_variables(model, 0))
+    variables = jax.device_get(init_variables(model, 0))
     # Non-trivial BatchNorm statistics, so inference must use the running averages.
     rng = np.random.default_rng(1)
     variables["batch_stats"] = jax.tree.map(
@@ -36,23 +41,32 @@ def pyramid():
 
 def test_tile_starts_cover_the_grid_with_even_starts():
     for size, tile, overlap in [(96, 32, 0.5), (100, 24, 0.25), (64, 64, 0.5), (18, 32, 0.5)]:
-        starts = inference.tile_starts(size, tile, overlap)
+        starts = tiling.tile_starts(size, tile, overlap)
         assert starts[0] == 0 and starts[-1] == max(size - tile, 0)
         assert all(s % 2 == 0 for s in starts)
         steps = np.diff(starts)
         assert np.all(steps > 0) and np.all(steps <= tile * (1 - overlap) + 2)
 
 
-def test_one_tile_equals_one_full_forward_pass(pyramid):
+def test_one_tile_per_level_equals_a_full_pass_of_the_level_padded_to_the_tile(pyramid):
     model, variables = pyramid
-    image = np.random.default_rng(0).normal(size=(40, 24, 32)).astype(np.float32)
-    options = inference.TilingOptions(tile_size=32, weighting="constant")
+    tile = 32
+    # Level 2's grid is one tile; level 1's, half as large, is padded up to one.
+    image = np.random.default_rng(0).normal(size=(62, 60, 50)).astype(np.float32)
+    options = inference.TilingOptions(tile_size=tile, weighting="constant")
     tiled = inference.predict_pyramid(model, variables, image, -5.0, options)
 
-    padded = evaluate.pad_to_multiple(image, 16, -5.0)
-    full = model.apply(variables, evaluate.pyramid_volumes(padded, 2), train=False)
-    for level_tiled, level_logits in zip(tiled, full, strict=True):
-        expected = np.asarray(jax.nn.softmax(level_logits[0], axis=-1))
+    coarse, fine = (v[0] for v in pyramid_volumes(pad_to_multiple(image, 16, -5.0), 2))
+    assert fine.shape[:3] == (tile,) * 3 and coarse.shape[:3] == (tile // 2,) * 3
+    net = model.level_network()
+    padded = np.pad(coarse, [(0, tile // 2)] * 3 + [(0, 0)], constant_values=-5.0)
+    logits = net.apply(tiling.level_variables(variables, 1), padded[None], train=False)
+    level_1 = np.asarray(jax.nn.softmax(logits[0], axis=-1))[: tile // 2, : tile // 2, : tile // 2]
+    context = upsample_and_crop(level_1[None], fine.shape[:3])
+    x = np.concatenate([fine[None], np.asarray(context)], axis=-1)
+    logits = net.apply(tiling.level_variables(variables, 2), x, train=False)
+    level_2 = np.asarray(jax.nn.softmax(logits[0], axis=-1))
+    for level_tiled, expected in zip(tiled, (level_1, level_2), strict=True):
         assert level_tiled.shape == expected.shape
         np.testing.assert_allclose(level_tiled, expected, atol=1e-5)
 
@@ -91,7 +105,7 @@ def test_mirroring_keeps_a_flip_equivariant_input_symmetric(pyramid):
 
 
 def test_upsampling_slab_by_slab_equals_one_whole_resize(monkeypatch):
-    monkeypatch.setattr(inference, "SLAB_VALUES", 3 * 22 * 19 * 4)
+    monkeypatch.setattr(upsample, "SLAB_VALUES", 3 * 22 * 19 * 4)
     rng = np.random.default_rng(0)
     probs = jax.nn.softmax(rng.normal(size=(11, 6, 5, 4)) * 3, axis=-1)
     probs = np.asarray(probs, np.float32)
@@ -106,7 +120,7 @@ def test_upsampling_slab_by_slab_equals_one_whole_resize(monkeypatch):
 
 def test_upsampling_onto_another_grid_interpolates_the_probabilities_once(monkeypatch):
     # The scan's own grid, finer along x and coarser along y than the native grid.
-    monkeypatch.setattr(inference, "SLAB_VALUES", 4 * 15 * 19 * 4)
+    monkeypatch.setattr(upsample, "SLAB_VALUES", 4 * 15 * 19 * 4)
     rng = np.random.default_rng(1)
     probs = jax.nn.softmax(rng.normal(size=(11, 6, 5, 4)) * 3, axis=-1)
     probs = np.asarray(probs, np.float32)
@@ -132,32 +146,11 @@ def test_upsampling_onto_another_grid_interpolates_the_probabilities_once(monkey
 def test_batches_are_split_over_the_mesh(pyramid):
     model, variables = pyramid
     mesh = parallel.make_mesh()
-    predictor = inference.make_tile_predictor(model, (8, 8, 8), "gaussian", False, False, mesh)
+    predictor = tiling.make_tile_predictor(model, (8, 8, 8), "gaussian", False, False, mesh)
     images = np.zeros((2 * mesh.size, 8, 8, 8, 1), np.float32)
-    out = predictor(inference.level_variables(variables, 1), images, None)
+    out = predictor(tiling.level_variables(variables, 1), images, None)
     assert out.shape == (2 * mesh.size, 8, 8, 8, model.num_classes)
     assert out.sharding.is_equivalent_to(parallel.batch_sharded(mesh), out.ndim)
-
-
-def test_evaluation_by_default_equals_one_whole_volume_pass(pyramid):
-    from conftest import make_tiny_config
-
-    model, variables = pyramid
-    config = make_tiny_config()
-    config.model.width, config.model.num_poolings = 4, 2
-    image_hu = np.random.default_rng(3).normal(0, 300, size=(37, 20, 26)).astype(np.float32)
-    labels = evaluate.predict_levels(model, variables, image_hu, config)
-
-    # The whole-volume prediction that evaluation made before it used tiles.
-    image = evaluate.normalize_hu(image_hu, config.data)
-    padded = evaluate.pad_to_multiple(image, 16, evaluate.normalized_pad_value(config.data))
-    logits = model.apply(variables, evaluate.pyramid_volumes(padded, 2), train=False)
-    for level_labels, level_logits in zip(labels, logits, strict=True):
-        probs = jax.nn.softmax(level_logits, axis=-1)
-        probs = jax.image.resize(probs, (1, *padded.shape, probs.shape[-1]), "trilinear")
-        expected = np.asarray(np.argmax(probs[0], axis=-1))[:37, :20, :26]
-        assert level_labels.shape == image_hu.shape
-        assert np.mean(level_labels != expected) < 1e-4  # float ties only
 
 
 def _run_inference_script(tmp_path, devices: int) -> dict:

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autocontext_jax.losses import DICE_SMOOTH, dice_loss, segmentation_loss
+from autocontext_jax.training.losses import DICE_SMOOTH, dice_loss, segmentation_loss
 
 
 def _numpy_dice_loss(logits, targets, first_class=0):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from autocontext_jax import evaluate, metrics
+from autocontext_jax.evaluation import metrics, reports
 
 
 def _sphere(shape, spacing, radius_mm, centre=None):
@@ -112,7 +112,7 @@ def _result():
 
 def test_reports_hold_the_summary_in_three_formats(tmp_path):
     result = _result()
-    evaluate.write_report(tmp_path, result, [])
+    reports.write_report(tmp_path, result)
     markdown = (tmp_path / "eval_summary.md").read_text()
     assert "| Avg | 60.0 | 90.0 | 75.0 |" in markdown
     assert "| HD95 (mm) | artery | vein | Avg. |" in markdown

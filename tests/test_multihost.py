@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from autocontext_jax import multihost
+from autocontext_jax.training import checkpointing, multihost
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -51,8 +51,6 @@ def _restore(workdir, like=None):
     """
     import ml_collections
     import orbax.checkpoint as ocp
-
-    from autocontext_jax import checkpointing
 
     saved = json.loads((pathlib.Path(workdir) / "config.json").read_text())
     manager = checkpointing.make_manager(workdir, ml_collections.ConfigDict(saved))

@@ -18,9 +18,19 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from autocontext_jax import evaluate, inference, plot, predict, train
+from autocontext_jax import inference
+from autocontext_jax.cli.train import train_and_evaluate
+from autocontext_jax.config_files import load_config_file
 from autocontext_jax.data import dataset as dataset_lib
+from autocontext_jax.evaluation import figures, metrics
+from autocontext_jax.evaluation.evaluate import (
+    evaluate_cases,
+    evaluate_workdir,
+    held_out_cases,
+    load_case,
+)
 from autocontext_jax.models import build_pyramid, conv
+from autocontext_jax.models.init import init_variables
 
 pytest.importorskip("matplotlib")
 
@@ -63,46 +73,38 @@ def run(tiny_phantom, tmp_path_factory):
     config_path = base / "tiny.py"
     config_path.write_text(CONFIG_FILE.format(tests=str(TESTS), offset=LABEL_OFFSET))
     command = [sys.executable, "-m", "autocontext_jax.preprocess", f"--config={config_path}"]
-    done = subprocess.run(command, cwd=base, capture_output=True, text=True)
+    env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
+    done = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     preprocessed_plan = json.loads((base / "shifted_preprocessed" / "plan.json").read_text())
-    from autocontext_jax.config_files import load_config_file
-
     config = load_config_file(config_path)
     before = os.getcwd()
     os.chdir(base)
     try:
-        train.train_and_evaluate(config, "run")
+        train_and_evaluate(config, "run")
     finally:
         os.chdir(before)
     return {"base": base, "workdir": base / "run", "preprocessed_plan": preprocessed_plan}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the preprocess command splits with config.seed, training with data.split_seed",
-)
 def test_the_preprocess_command_plans_from_the_run_s_own_training_cases(run):
     run_plan = json.loads((run["workdir"] / "plan.json").read_text())["plan"]
     assert run["preprocessed_plan"]["plan"] == run_plan
 
 
-@pytest.mark.xfail(strict=True, reason="data.dir is stored relative to where training ran")
 def test_a_run_evaluates_and_plots_from_any_working_directory(run, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    result = evaluate.evaluate_workdir(run["workdir"])
+    result = evaluate_workdir(run["workdir"])
     assert len(result["case_ids"]) == 1
-    assert plot.plot_run(run["workdir"])
+    assert figures.plot_run(run["workdir"])
 
 
 def _evaluate(workdir: pathlib.Path) -> dict:
-    result = evaluate.evaluate_workdir(workdir)
+    result = evaluate_workdir(workdir)
     return {name: result[name] for name in ("dice", "hd95", "nsd")}
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate reads the plan from the shared cache")
-def test_evaluate_uses_the_run_s_own_plan_whatever_the_shared_cache_holds(run, monkeypatch):
-    monkeypatch.chdir(run["base"])  # the working directory is another test's concern
+def test_evaluate_uses_the_run_s_own_plan_whatever_the_shared_cache_holds(run):
     workdir, cache_plan = run["workdir"], run["base"] / "shifted_preprocessed" / "plan.json"
     own_plan = workdir / "plan.json"
     original_cache, original_own = cache_plan.read_text(), own_plan.read_text()
@@ -132,20 +134,18 @@ def _pixels(path: pathlib.Path) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-@pytest.mark.xfail(strict=True, reason="plot uses no plan and no label map")
-def test_plot_draws_exactly_what_predict_writes(run, tmp_path, monkeypatch):
-    monkeypatch.chdir(run["base"])
+def test_plot_draws_exactly_what_predict_writes(run, tmp_path):
     workdir = run["workdir"]
     case_id = json.loads((workdir / "split.json").read_text())["val"][0]
-    plotted = plot.plot_run(workdir)
+    plotted = figures.plot_run(workdir)
     config = json.loads((workdir / "config.json").read_text())
     files = {f.case_id: f for f in dataset_lib.list_cases(run["base"] / config["data"]["dir"])}[
         case_id
     ]
-    predictor = predict.load_predictor(workdir)
+    trained = inference.load_run(workdir)
     output = tmp_path / f"{case_id}.nii.gz"
-    predict.predict_case(
-        predictor, files.image, output, predict.default_options(predictor.config), save_levels=True
+    inference.predict_file(
+        trained, files.image, output, inference.default_options(trained.config), save_levels=True
     )
     written = [tmp_path / f"{case_id}_level1.nii.gz", output]
     predictions = [np.asarray(nib.as_closest_canonical(nib.load(p)).dataobj) for p in written]
@@ -153,11 +153,10 @@ def test_plot_draws_exactly_what_predict_writes(run, tmp_path, monkeypatch):
     case = dataset_lib.load_case(files, 8, label_map)
     for plane, path in zip(("axial", "coronal"), plotted, strict=False):
         expected = tmp_path / f"{plane}.png"
-        plot.slices_figure(case, predictions, 8, plane).savefig(expected, dpi=120)
+        figures.slices_figure(case, predictions, 8, plane).savefig(expected, dpi=120)
         np.testing.assert_array_equal(_pixels(path), _pixels(expected))
 
 
-@pytest.mark.xfail(strict=True, reason="inference rebuilds the U-Net without model.conv_impl")
 def test_the_run_s_convolution_lowering_reaches_inference(tiny_config, monkeypatch):
     seen = []
     original = conv.conv3d_same
@@ -170,8 +169,24 @@ def test_the_run_s_convolution_lowering_reaches_inference(tiny_config, monkeypat
     tiny_config.model.conv_impl = "native"
     tiny_config.model.width = 3  # a model no other test compiled, so it is traced here
     model = build_pyramid(tiny_config)
-    variables = train.init_variables(model, 0)
+    variables = init_variables(model, 0)
     seen.clear()
     image = np.zeros((16, 16, 16), np.float32)
     inference.predict_pyramid(model, variables, image, 0.0, inference.TilingOptions(tile_size=8))
     assert seen and set(seen) == {"native"}
+
+
+def test_evaluate_scores_exactly_what_predict_writes(run, tmp_path):
+    trained = inference.load_run(run["workdir"])
+    (files,) = held_out_cases(trained)
+    result = evaluate_cases(trained, [files])
+    output = tmp_path / "seg.nii.gz"
+    options = inference.default_options(trained.config)
+    inference.predict_file(trained, files.image, output, options, save_levels=True)
+    case = load_case(trained, files)
+    for level, path in (("level_1", tmp_path / "seg_level1.nii.gz"), ("level_2", output)):
+        written = np.asarray(nib.as_closest_canonical(nib.load(path)).dataobj)
+        tolerance = result["nsd_tolerance_mm"]
+        scores = metrics.case_metrics(written, case.label, 8, case.geometry.spacing, tolerance)
+        for name in metrics.METRIC_NAMES:
+            assert scores[name] == result[name][level][0]

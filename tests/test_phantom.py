@@ -2,16 +2,18 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import nibabel as nib
 import numpy as np
 import pytest
 from scipy import ndimage
 
-from autocontext_jax.data import phantom
+from autocontext_jax import phantom
 from autocontext_jax.data.labels import PAPER_CLASS_NAMES
 from autocontext_jax.data.sampling import class_fractions
-from autocontext_jax.evaluate import dice_per_class
+from autocontext_jax.evaluation.evaluate import dice_per_class
 
 SHAPE = (64, 56, 48)
 SPACING = (3.0, 3.0, 3.0)
@@ -146,7 +148,9 @@ def test_coarse_resolution_loses_the_vessels(full_case):
 
 
 def test_cli_writes_a_default_case(tmp_path):
-    phantom.main(["--out", str(tmp_path), "--num_cases", "1", "--seed", "3"])
+    command = [sys.executable, "-m", "autocontext_jax.data.phantom", "--out", str(tmp_path)]
+    done = subprocess.run([*command, "--num_cases", "1", "--seed", "3"], capture_output=True)
+    assert done.returncode == 0, done.stderr
     meta = json.loads((tmp_path / "dataset.json").read_text())
     assert meta["numTraining"] == 1
     img, _ = _load(tmp_path / "imagesTr" / "phantom_000_0000.nii.gz")

@@ -11,10 +11,13 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autocontext_jax import inference, predict, train
-from autocontext_jax.data import preprocess, scans
-from autocontext_jax.data.dataset import DatasetError
+from autocontext_jax import inference
+from autocontext_jax.cli.train import train_and_evaluate
+from autocontext_jax.data import nifti
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.plan import Plan
 from autocontext_jax.models import build_pyramid
+from autocontext_jax.models.init import init_variables
 
 REAL_CASE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/totalseg_example"
 if not REAL_CASE.is_dir():
@@ -41,7 +44,7 @@ def trained_run(tiny_phantom, tmp_path_factory):
     config.train.steps = 2
     config.eval.at_end = False
     workdir = tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(config, str(workdir))
+    train_and_evaluate(config, str(workdir))
     return workdir
 
 
@@ -56,7 +59,7 @@ def threshold_predictor():
     """
     config = _small_config()
     model = build_pyramid(config)
-    variables = train.init_variables(model, 0)
+    variables = init_variables(model, 0)
     flat = flax.traverse_util.flatten_dict(jax.device_get(variables["params"]))
     flat = {
         k: np.zeros_like(v) if k[-1] in ("kernel", "bias") and "BatchNorm_0" not in k else v
@@ -70,7 +73,7 @@ def threshold_predictor():
         flat[(level, "Conv_0", "bias")][:] = [1.0, -1.0] + [-10.0] * (config.model.num_classes - 2)
     params = flax.traverse_util.unflatten_dict(flat)
     # An isotropic 1.5 mm grid: every test scan is resampled on the way in and back out.
-    plan = preprocess.Plan(
+    plan = Plan(
         target_spacing=(1.5, 1.5, 1.5),
         clip=tuple(config.data.intensity_clip),
         mean=config.data.intensity_mean,
@@ -78,7 +81,7 @@ def threshold_predictor():
         pad_value_hu=config.data.pad_value_hu,
     )
     variables = {"params": params, "batch_stats": variables["batch_stats"]}
-    return predict.Predictor(config, model, variables, 0, plan)
+    return inference.Run(pathlib.Path("."), config, model, variables, 0, plan)
 
 
 def _rotation_z(degrees):
@@ -124,7 +127,7 @@ def test_output_overlays_the_input_whatever_its_orientation(
     marker = _write_scan(source, orientation)
     output = tmp_path / "out" / "seg.nii.gz"
     options = inference.TilingOptions(tile_size=16)
-    predict.predict_case(threshold_predictor, source, output, options)
+    inference.predict_file(threshold_predictor, source, output, options)
 
     scan, seg = nib.load(source), nib.load(output)
     assert seg.shape == scan.shape and seg.get_data_dtype() == np.uint8
@@ -152,15 +155,17 @@ def test_a_folder_gives_one_output_per_case_with_levels_and_probabilities(
         _write_scan(inputs / f"case_{orientation}.nii.gz", orientation)
     (inputs / "notes.txt").write_text("not a scan")
     options = inference.TilingOptions(tile_size=16, weighting="constant")
-    results = predict.predict_paths(
-        threshold_predictor,
-        inputs,
-        tmp_path / "segs",
-        options,
-        save_levels=True,
-        save_probabilities=True,
+    results = list(
+        inference.predict_paths(
+            threshold_predictor,
+            inputs,
+            tmp_path / "segs",
+            options,
+            save_levels=True,
+            save_probabilities=True,
+        )
     )
-    assert [r["case"] for r in results] == ["case_LPS", "case_RAS"]
+    assert [r.case for r in results] == ["case_LPS", "case_RAS"]
     for orientation in ("RAS", "LPS"):
         scan = nib.load(inputs / f"case_{orientation}.nii.gz")
         level1 = nib.load(tmp_path / "segs" / f"case_{orientation}_level1.nii.gz")
@@ -177,26 +182,28 @@ def test_a_folder_gives_one_output_per_case_with_levels_and_probabilities(
 
 
 def test_restores_the_latest_or_a_chosen_step_of_a_trained_run(trained_run):
-    predictor = predict.load_predictor(trained_run)
-    assert predictor.step == 2
-    assert set(predictor.variables) == {"params", "batch_stats"}
-    expected = jax.eval_shape(lambda: train.init_variables(predictor.model, 0))
-    assert jax.tree.structure(predictor.variables) == jax.tree.structure(expected)
-    with pytest.raises(predict.CheckpointError, match=r"no checkpoint of step 7 \(have \[2\]\)"):
-        predict.load_predictor(trained_run, step=7)
+    run = inference.load_run(trained_run)
+    assert run.step == 2
+    assert set(run.variables) == {"params", "batch_stats"}
+    expected = jax.eval_shape(lambda: init_variables(run.model, 0))
+    assert jax.tree.structure(run.variables) == jax.tree.structure(expected)
+    with pytest.raises(inference.CheckpointError, match=r"no checkpoint of step 7 \(have \[2\]\)"):
+        inference.load_run(trained_run, step=7)
 
 
 def test_refuses_a_checkpoint_that_does_not_match_the_saved_config(trained_run, tmp_path):
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "checkpoints").symlink_to(trained_run / "checkpoints")
+    # A run reads its own plan.json (there is no fallback to a dataset cache's plan).
+    (broken / "plan.json").symlink_to(trained_run / "plan.json")
     config = json.loads((trained_run / "config.json").read_text())
     config["model"]["width"] = 8
     (broken / "config.json").write_text(json.dumps(config))
-    with pytest.raises(predict.CheckpointError, match="does not match the model"):
-        predict.load_predictor(broken)
-    with pytest.raises(predict.CheckpointError, match="config.json: missing"):
-        predict.load_predictor(tmp_path / "nowhere")
+    with pytest.raises(inference.CheckpointError, match="does not match the model"):
+        inference.load_run(broken)
+    with pytest.raises(inference.CheckpointError, match="config.json: no config.json"):
+        inference.load_run(tmp_path / "nowhere")
 
 
 def test_bad_inputs_and_outputs_get_clear_errors(threshold_predictor, tmp_path):
@@ -204,34 +211,36 @@ def test_bad_inputs_and_outputs_get_clear_errors(threshold_predictor, tmp_path):
     text = tmp_path / "scan.nii.gz"
     text.write_text("hello")
     with pytest.raises(DatasetError, match="scan.nii.gz: cannot read as NIfTI"):
-        predict.predict_case(threshold_predictor, text, tmp_path / "a.nii.gz", options)
+        inference.predict_file(threshold_predictor, text, tmp_path / "a.nii.gz", options)
     four_d = tmp_path / "dwi.nii"
     nib.save(nib.Nifti1Image(np.zeros((4, 4, 4, 3), np.float32), np.eye(4)), four_d)
     with pytest.raises(DatasetError, match=r"dwi.nii: expected a 3D volume"):
-        predict.predict_case(threshold_predictor, four_d, tmp_path / "a.nii.gz", options)
+        inference.predict_file(threshold_predictor, four_d, tmp_path / "a.nii.gz", options)
     source = tmp_path / "ok.nii.gz"
     _write_scan(source, "RAS")
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(DatasetError, match="cannot write there"):
-        predict.predict_case(threshold_predictor, source, blocker / "seg.nii.gz", options)
+        inference.predict_file(threshold_predictor, source, blocker / "seg.nii.gz", options)
     with pytest.raises(DatasetError, match=r"must end in \.nii or \.nii\.gz"):
-        predict.predict_case(threshold_predictor, source, tmp_path / "seg.png", options)
+        inference.predict_file(threshold_predictor, source, tmp_path / "seg.png", options)
 
 
 def test_a_failed_write_leaves_an_existing_output_whole(tmp_path, monkeypatch):
     output = tmp_path / "seg.nii.gz"
-    reference = nib.Nifti1Image(np.zeros((3, 3, 3), np.int16), np.eye(4))
-    scans.write_label_map(np.ones((3, 3, 3), np.uint8), reference, output)
+    reference = nifti.scan_from_image(
+        nib.Nifti1Image(np.zeros((3, 3, 3), np.int16), np.eye(4))
+    ).geometry
+    nifti.write_label_map(np.ones((3, 3, 3), np.uint8), reference, output)
     before = output.read_bytes()
 
     def failing_save(image, path):
         pathlib.Path(path).write_bytes(b"partial")
         raise OSError("disk full")
 
-    monkeypatch.setattr(scans.nib, "save", failing_save)
+    monkeypatch.setattr(nifti.nib, "save", failing_save)
     with pytest.raises(DatasetError, match="disk full"):
-        scans.write_label_map(np.zeros((3, 3, 3), np.uint8), reference, output)
+        nifti.write_label_map(np.zeros((3, 3, 3), np.uint8), reference, output)
     assert output.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
 
@@ -273,4 +282,4 @@ def test_command_line_names_a_missing_checkpoint(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0
-    assert f"Error: {tmp_path / 'config.json'}: missing" in result.stderr
+    assert f"Error: {tmp_path / 'config.json'}: no config.json" in result.stderr

@@ -10,9 +10,19 @@ import numpy as np
 import pytest
 from conftest import REPO, load_config, make_tiny_config
 
+from autocontext_jax.data import cache, preprocess
 from autocontext_jax.data import dataset as dataset_lib
-from autocontext_jax.data import preprocess
-from autocontext_jax.data.dataset import DatasetError
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.geometry import preprocessed_affine
+from autocontext_jax.data.labels import remap_labels
+from autocontext_jax.data.nifti import scan_from_image
+from autocontext_jax.data.plan import Plan
+from autocontext_jax.data.resample import resample_labels
+from autocontext_jax.evaluation.evaluate import evaluate_cases
+from autocontext_jax.inference import Run
+from autocontext_jax.models import build_pyramid
+from autocontext_jax.models.init import init_variables
+from autocontext_jax.training.config_checks import ConfigError, validate_config
 
 TOTALSEG = REPO.parent / "shared" / "data" / "totalseg_example"
 if not TOTALSEG.is_dir():
@@ -99,12 +109,12 @@ def test_plain_pairs_are_named_by_their_image_and_checked(tmp_path):
 
 def test_the_label_map_remaps_ids_and_unmapped_ones_become_background():
     raw = np.array([0, 52, 5, 99, 7], np.uint8)
-    mapped = dataset_lib.remap_labels(raw, 8, ((52, 1), (5, 3), (7, 7)), "lab.nii.gz")
+    mapped = remap_labels(raw, 8, ((52, 1), (5, 3), (7, 7)), "lab.nii.gz")
     np.testing.assert_array_equal(mapped, [0, 1, 3, 0, 7])
     with pytest.raises(DatasetError, match=r"lab\.nii\.gz: label ids \[99\] are not in"):
-        dataset_lib.remap_labels(raw, 8, ((52, 1), (5, 3), (7, 7)), "lab.nii.gz", "error")
+        remap_labels(raw, 8, ((52, 1), (5, 3), (7, 7)), "lab.nii.gz", "error")
     with pytest.raises(DatasetError, match=r"lab\.nii\.gz: label ids \[52, 99\] outside"):
-        dataset_lib.remap_labels(raw, 8, (), "lab.nii.gz")
+        remap_labels(raw, 8, (), "lab.nii.gz")
 
 
 @pytest.mark.parametrize("twin", ["lps", "oblique"])
@@ -117,10 +127,12 @@ def test_a_twin_scan_preprocesses_to_the_same_canonical_array_as_ras(twin):
     else:
         # A few degrees of gantry tilt: the closest canonical axes are unchanged.
         other_image, other_affine = _lps_twin(image, _rotation(7.0) @ ras)
-    plan = preprocess.Plan((2.0, 2.0, 2.0), (-50.0, 200.0), 40.0, 50.0, -1000.0)
-    expected, geometry = preprocess.preprocess_image(nib.Nifti1Image(image, ras), plan)
-    got, other_geometry = preprocess.preprocess_image(
-        nib.Nifti1Image(other_image, other_affine), plan
+    plan = Plan((2.0, 2.0, 2.0), (-50.0, 200.0), 40.0, 50.0, -1000.0)
+    expected, geometry = preprocess.preprocess_scan(
+        scan_from_image(nib.Nifti1Image(image, ras)), plan
+    )
+    got, other_geometry = preprocess.preprocess_scan(
+        scan_from_image(nib.Nifti1Image(other_image, other_affine)), plan
     )
     assert expected.shape == (15, 12, 15) == geometry.preprocessed_shape
     np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -130,9 +142,9 @@ def test_a_twin_scan_preprocesses_to_the_same_canonical_array_as_ras(twin):
 def test_labels_return_exactly_to_the_original_grid():
     _, label = _volume()
     lps = np.diag([-2.0, -2.0, 3.0, 1.0])
-    plan = preprocess.Plan((2.0, 2.0, 3.0), (-1000.0, 1000.0), 0.0, 1.0, -1000.0)
+    plan = Plan((2.0, 2.0, 3.0), (-1000.0, 1000.0), 0.0, 1.0, -1000.0)
     nifti = nib.Nifti1Image(label.astype(np.float32), lps)
-    _, geometry = preprocess.preprocess_image(nifti, plan)
+    _, geometry = preprocess.preprocess_scan(scan_from_image(nifti), plan)
     canonical = np.asarray(nib.as_closest_canonical(nifti).dataobj).astype(np.uint8)
     back = preprocess.labels_to_original(canonical, geometry)
     np.testing.assert_array_equal(back, label)
@@ -143,9 +155,9 @@ def test_labels_return_exactly_to_the_original_grid():
 def test_resampling_keeps_a_thin_vessel_continuous_and_inverts_closely():
     image, label = _volume()
     affine = np.diag([1.0, 1.0, 1.0, 1.0])
-    plan = preprocess.Plan((1.6, 1.6, 1.6), (-1000.0, 1000.0), 0.0, 1.0, -1000.0)
-    _, geometry = preprocess.preprocess_image(nib.Nifti1Image(image, affine), plan)
-    coarse = preprocess.resample_labels(label, geometry.preprocessed_shape, "linear_argmax")
+    plan = Plan((1.6, 1.6, 1.6), (-1000.0, 1000.0), 0.0, 1.0, -1000.0)
+    _, geometry = preprocess.preprocess_scan(scan_from_image(nib.Nifti1Image(image, affine)), plan)
+    coarse = resample_labels(label, geometry.preprocessed_shape, "linear_argmax")
     assert set(np.unique(coarse)) == {0, 1, 3}
     # Wider than the new voxel (1.6 mm) by a little: no gap along its length.
     ys = np.nonzero((coarse == 1).any(axis=(0, 2)))[0]
@@ -155,7 +167,7 @@ def test_resampling_keeps_a_thin_vessel_continuous_and_inverts_closely():
     assert back.shape == label.shape
     assert np.mean(back == label) > 0.97
     # The grid's affine maps its centre onto the centre of the scan.
-    centre = preprocess.preprocessed_affine(geometry) @ [*((n - 1) / 2 for n in coarse.shape), 1]
+    centre = preprocessed_affine(geometry) @ [*((n - 1) / 2 for n in coarse.shape), 1]
     np.testing.assert_allclose(centre[:3], [(n - 1) / 2 for n in label.shape], atol=1e-9)
 
 
@@ -163,23 +175,23 @@ def test_the_cache_is_written_once_and_redone_when_an_input_changes(tmp_path):
     root = _msd(tmp_path / "data", ["a", "b"])
     config = _config(root, tmp_path)
     files = dataset_lib.list_cases(root)
-    plan, cached = preprocess.ensure_preprocessed(config, files, files)
-    image, label = preprocess.load_cached(cached["a"])
+    plan, cached = cache.ensure_preprocessed(config, files, files)
+    image, label = cache.load_cached(cached["a"])
     assert isinstance(image, np.memmap) and image.dtype == np.float32 and label.dtype == np.uint8
     np.testing.assert_allclose(image, plan.normalize(_volume()[0]), rtol=1e-6)
     stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
     assert not [name for name in stamps if name.endswith(".tmp")]
-    preprocess.ensure_preprocessed(config, files, files)
+    cache.ensure_preprocessed(config, files, files)
     assert stamps == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache").iterdir()}
     # A changed label file, and a case whose JSON a crash never wrote, are redone.
     new_label = _volume()[1]
     new_label[0, 0, 0] = 3
     nib.save(nib.Nifti1Image(new_label, np.diag([2.0, 2.0, 3.0, 1.0])), files[0].label)
     cached["b"].meta.unlink()
-    preprocess.ensure_preprocessed(config, files, files)
-    assert preprocess.load_cached(cached["a"])[1][0, 0, 0] == 3
+    cache.ensure_preprocessed(config, files, files)
+    assert cache.load_cached(cached["a"])[1][0, 0, 0] == 3
     assert cached["b"].meta.is_file()
-    geometry = preprocess.read_geometry(cached["b"])
+    geometry = cache.read_geometry(cached["b"])
     assert geometry.spacing == (2.0, 2.0, 3.0) and geometry.preprocessed_shape == (20, 16, 12)
 
 
@@ -188,13 +200,13 @@ def test_foreground_zscore_statistics_are_stored_with_the_cache(tmp_path):
     config = _config(root, tmp_path)
     config.data.normalization = "foreground_zscore"
     files = dataset_lib.list_cases(root)
-    plan, _ = preprocess.ensure_preprocessed(config, files, files)
+    plan, _ = cache.ensure_preprocessed(config, files, files)
     image, label = _volume()
     foreground = image[label > 0]
     assert plan.mean == pytest.approx(foreground.mean(), rel=1e-5)
     assert plan.clip[0] == pytest.approx(np.percentile(foreground, 0.5), rel=1e-4)
     saved = json.loads((tmp_path / "cache" / "plan.json").read_text())["plan"]
-    assert preprocess.Plan.from_json(saved) == plan
+    assert Plan.from_json(saved) == plan
 
 
 @pytest.mark.parametrize("workers", [0, 2])
@@ -207,10 +219,10 @@ def test_a_bad_case_stops_preprocessing_or_is_skipped_with_a_warning(tmp_path, w
     config.data.preprocess_workers = workers
     files = dataset_lib.list_cases(root)
     with pytest.raises(DatasetError, match=r"b\.nii\.gz: the label map has no foreground"):
-        preprocess.ensure_preprocessed(config, files, files[:1])
+        cache.ensure_preprocessed(config, files, files[:1])
     config.data.skip_bad_cases = True
     with pytest.warns(UserWarning, match=r"case b: .*b\.nii\.gz"):
-        _, cached = preprocess.ensure_preprocessed(config, files, files[:1])
+        _, cached = cache.ensure_preprocessed(config, files, files[:1])
     assert sorted(cached) == ["a"]
 
 
@@ -220,10 +232,10 @@ def test_an_unreadable_training_scan_is_named_or_skipped_while_planning(tmp_path
     config = _config(root, tmp_path)
     files = dataset_lib.list_cases(root)
     with pytest.raises(DatasetError, match=r"b_0000\.nii\.gz: cannot read as NIfTI"):
-        preprocess.ensure_preprocessed(config, files, files)
+        cache.ensure_preprocessed(config, files, files)
     config.data.skip_bad_cases = True
     with pytest.warns(UserWarning, match=r"case b: .*b_0000\.nii\.gz: cannot read"):
-        plan, cached = preprocess.ensure_preprocessed(config, files, files)
+        plan, cached = cache.ensure_preprocessed(config, files, files)
     assert sorted(cached) == ["a"] and plan.target_spacing == (2.0, 2.0, 3.0)
 
 
@@ -234,19 +246,17 @@ def test_label_ids_outside_the_label_map_are_named_when_strict(tmp_path):
     config.data.unmapped_labels = "error"
     files = dataset_lib.list_cases(root)
     with pytest.raises(DatasetError, match=r"a\.nii\.gz: label ids \[1\] are not in"):
-        preprocess.ensure_preprocessed(config, files, files)
+        cache.ensure_preprocessed(config, files, files)
 
 
 @pytest.mark.skipif(not TOTALSEG.is_dir(), reason="the shared TotalSegmentator example is absent")
 def test_the_totalsegmentator_example_is_remapped_to_the_paper_classes(tmp_path):
-    from autocontext_jax.config_checks import validate_config
-
     config = load_config("totalseg_example")
     validate_config(config, 1)
     config.data.cache_dir = str(tmp_path / "cache")
     files = dataset_lib.list_dataset(config.data)
-    plan, cached = preprocess.ensure_preprocessed(config, files, files)
-    _, label = preprocess.load_cached(cached["ct"])
+    plan, cached = cache.ensure_preprocessed(config, files, files)
+    _, label = cache.load_cached(cached["ct"])
     counts = np.bincount(np.asarray(label).ravel(), minlength=8)
     # The README's voxel counts; the grid is unchanged at the median (own) spacing.
     np.testing.assert_array_equal(counts[1:], [997, 901, 38634, 9452, 4675, 1333, 644])
@@ -279,18 +289,15 @@ def test_the_totalsegmentator_example_preprocesses_and_trains_from_the_command_l
 
 
 def test_evaluation_predicts_on_the_plan_grid_and_scores_on_the_scan_grid(tmp_path):
-    from autocontext_jax import evaluate, train
-    from autocontext_jax.models import build_pyramid
-
     root = _msd(tmp_path / "data", ["a"])
     config = _config(root, tmp_path)
     # Coarser than the scan (2, 2, 3 mm), so prediction runs on a smaller grid.
     config.data.target_spacing = (4.0, 4.0, 4.0)
     files = dataset_lib.list_cases(root)
-    preprocess.ensure_preprocessed(config, files, files)
+    plan, _ = cache.ensure_preprocessed(config, files, files)
     model = build_pyramid(config)
-    variables = train.init_variables(model, 0)
-    result = evaluate.evaluate_cases(model, variables, files, config)
+    run = Run(tmp_path, config, model, init_variables(model, 0), 0, plan)
+    result = evaluate_cases(run, files)
     scores = np.asarray(result["dice"]["level_2"])
     assert scores.shape == (1, 7) and np.all((scores >= 0) & (scores <= 1))
 
@@ -308,8 +315,6 @@ def test_evaluation_predicts_on_the_plan_grid_and_scores_on_the_scan_grid(tmp_pa
     ],
 )
 def test_bad_data_fields_are_refused_by_name(field, value):
-    from autocontext_jax.config_checks import ConfigError, validate_config
-
     config = make_tiny_config()
     config.data[field] = value
     with pytest.raises(ConfigError, match=f"config.data.{field}="):

@@ -5,13 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from autocontext_jax.data.sampling import level_region
-from autocontext_jax.losses import dice_loss
-from autocontext_jax.models.pyramid import (
-    AutoContextPyramid,
-    downsample_factor,
-    upsample_and_crop,
-)
+from autocontext_jax.data.sampling import downsample_factor, level_region
+from autocontext_jax.models.pyramid import AutoContextPyramid, upsample_and_crop
+from autocontext_jax.training.losses import dice_loss
 
 
 def _pyramid(levels, mode="end_to_end", classes=3):

@@ -10,7 +10,10 @@ import pytest
 from PIL import Image
 from tensorboardX.proto import event_pb2
 
-from autocontext_jax import evaluate, logs, plot, train
+from autocontext_jax.cli.train import train_and_evaluate
+from autocontext_jax.evaluation.evaluate import evaluate_workdir
+from autocontext_jax.evaluation.figures import plot_run
+from autocontext_jax.training import logs
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
@@ -26,7 +29,7 @@ def trained_run(tiny_phantom, tmp_path_factory):
     config = make_tiny_config(tiny_phantom)
     config.train.steps = 2
     workdir = tmp_path_factory.mktemp("run")
-    train.train_and_evaluate(config, str(workdir))
+    train_and_evaluate(config, str(workdir))
     # Later tests re-evaluate into the workdir; keep what training itself wrote.
     (workdir / "at_end.json").write_text((workdir / "eval_cases.json").read_text())
     return workdir
@@ -40,14 +43,14 @@ def test_the_command_reproduces_the_end_of_training_report(trained_run):
     assert result.returncode == 0, result.stderr
     assert "| HD95 (mm) | artery |" in result.stdout
     again = json.loads((trained_run / "eval_cases.json").read_text())
-    assert again.pop("step") == 2
+    assert again["step"] == 2
     assert again == at_end
     for name in ("eval_summary.md", "eval_summary.csv", "eval_summary.json"):
         assert (trained_run / name).is_file()
 
 
 def test_evaluating_another_dataset_scores_all_its_cases(trained_run, tiny_phantom):
-    result = evaluate.evaluate_workdir(trained_run, data_dir=str(tiny_phantom))
+    result = evaluate_workdir(trained_run, data_dir=str(tiny_phantom))
     cases = json.loads((trained_run / "eval_cases.json").read_text())
     assert cases == json.loads(json.dumps(result))
     assert len(cases["case_ids"]) == 5 and len(cases["hd95"]["level_2"]) == 5
@@ -116,7 +119,7 @@ def test_tensorboard_tags_group_the_charts():
 
 def test_plot_writes_slices_and_curves(trained_run):
     held_out = json.loads((trained_run / "split.json").read_text())["val"][0]
-    paths = plot.plot_run(trained_run)
+    paths = plot_run(trained_run)
     assert [p.name for p in paths] == [
         f"{held_out}_axial.png",
         f"{held_out}_coronal.png",
@@ -129,4 +132,4 @@ def test_plot_writes_slices_and_curves(trained_run):
 
 def test_plot_names_a_case_it_cannot_find(trained_run):
     with pytest.raises(Exception, match="'nope' is not among the cases"):
-        plot.plot_run(trained_run, case_id="nope")
+        plot_run(trained_run, case_id="nope")

@@ -7,9 +7,17 @@ import numpy as np
 import pytest
 from conftest import make_tiny_config
 
+from autocontext_jax.data import cache
 from autocontext_jax.data import dataset as dataset_lib
-from autocontext_jax.data import preprocess
-from autocontext_jax.data.pipeline import PyramidExampleSampler, train_batches
+from autocontext_jax.data.dataset import Case
+from autocontext_jax.data.geometry import Geometry
+from autocontext_jax.data.pipeline import (
+    PyramidExampleSampler,
+    crop_centre,
+    prepare_case,
+    train_batches,
+)
+from autocontext_jax.data.plan import Plan
 from autocontext_jax.data.sampling import (
     box_downsample,
     class_fractions,
@@ -67,7 +75,7 @@ def preprocessed(tiny_phantom, tmp_path_factory):
     config = make_tiny_config(tiny_phantom)
     config.data.cache_dir = str(tmp_path_factory.mktemp("cache"))
     files = dataset_lib.list_cases(tiny_phantom)
-    plan, cached = preprocess.ensure_preprocessed(config, files, files)
+    plan, cached = cache.ensure_preprocessed(config, files, files)
     return [cached[f.case_id] for f in files], plan
 
 
@@ -137,8 +145,6 @@ def test_worker_processes_give_the_same_batches(preprocessed, tiny_config):
 
 
 def _case_with_classes():
-    from autocontext_jax.data.dataset import Case, Geometry
-
     label = np.zeros((40, 40, 40), np.uint8)
     label[:30] = 3  # a large organ
     label[35, 35, 35] = 1  # a single vessel voxel
@@ -148,9 +154,7 @@ def _case_with_classes():
 
 
 def test_class_balanced_centres_visit_small_structures_as_often_as_large_ones(tiny_config):
-    from autocontext_jax.data.pipeline import crop_centre, prepare_case
-
-    case = prepare_case(_case_with_classes(), tiny_config.data, "c")
+    case = prepare_case(_case_with_classes(), Plan.window(tiny_config.data, (1.0, 1.0, 1.0)), "c")
     assert sorted(case.class_voxels) == [1, 3, 6]
     rng = np.random.default_rng(0)
     draws = [case.label[crop_centre(rng, case, "class_balanced")] for _ in range(3000)]
@@ -188,9 +192,7 @@ def test_a_saved_pipeline_state_resumes_with_the_batches_of_an_uninterrupted_run
 
 
 def test_class_weights_oversample_the_classes_they_favour(tiny_config):
-    from autocontext_jax.data.pipeline import crop_centre, prepare_case
-
-    case = prepare_case(_case_with_classes(), tiny_config.data, "c")
+    case = prepare_case(_case_with_classes(), Plan.window(tiny_config.data, (1.0, 1.0, 1.0)), "c")
     rng = np.random.default_rng(0)
     weights = (0, 3, 0, 1, 0, 0, 0, 0)  # vessel three times the liver, gallbladder never
     draws = [case.label[crop_centre(rng, case, "class_balanced", weights)] for _ in range(4000)]

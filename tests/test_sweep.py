@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from autocontext_jax import sweep as sweep_lib
+from autocontext_jax.cli import sweep as sweep_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 LAUNCH = REPO / "launch"
@@ -75,7 +75,7 @@ def test_the_generated_command_is_accepted_by_main(tmp_path):
 
 
 def test_tpu_command_runs_on_every_worker_as_one_job():
-    run = sweep_lib.Run("levels-2", {"pyramid.levels": 2}, "runs/x/levels-2")
+    run = sweep_lib.SweepRun("levels-2", {"pyramid.levels": 2}, "runs/x/levels-2")
     command = sweep_lib.train_command(sweep_lib.Sweep("configs/default.py", ()), run)
     tpu = sweep_lib.tpu_command(command, "my-v4-32", "us-central2-b", "code dir", "proj")
     assert tpu[:8] == [
@@ -96,7 +96,7 @@ def test_tpu_command_runs_on_every_worker_as_one_job():
 
 
 def test_slurm_script_starts_one_process_per_node():
-    run = sweep_lib.Run("levels-2", {"pyramid.levels": 2}, "runs/x/levels-2")
+    run = sweep_lib.SweepRun("levels-2", {"pyramid.levels": 2}, "runs/x/levels-2")
     command = ["python3", "-m", "autocontext_jax.main", "--workdir=runs/x/levels-2"]
     script = sweep_lib.slurm_script(command, run, nodes=4, gpus_per_node=8, partition="gpu")
     lines = script.splitlines()

@@ -10,9 +10,18 @@ import jax
 import numpy as np
 import pytest
 
-from autocontext_jax import parallel, train
-from autocontext_jax.config_checks import ConfigError, validate_config
+from autocontext_jax.cli.train import train_and_evaluate
+from autocontext_jax.data.device_augment import augment_intensity
 from autocontext_jax.models import build_pyramid
+from autocontext_jax.training import checkpointing, parallel
+from autocontext_jax.training.config_checks import ConfigError, validate_config
+from autocontext_jax.training.state import (
+    create_train_state,
+    ema_update,
+    evaluation_variables,
+    make_optimizer,
+)
+from autocontext_jax.training.step import jit_train_step, make_train_step
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -42,9 +51,9 @@ def compiled_step():
 
     config = make_tiny_config()
     model = build_pyramid(config)
-    optimizer = train.make_optimizer(config.train)
+    optimizer = make_optimizer(config.train)
     mesh = parallel.make_mesh()
-    step = train.jit_train_step(train.make_train_step(model, optimizer, config), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     return config, model, optimizer, mesh, step
 
 
@@ -58,7 +67,7 @@ def _fixed_batch(config, seed=0):
 
 def test_the_step_learns_a_fixed_batch(compiled_step):
     config, model, optimizer, mesh, step = compiled_step
-    state = jax.device_put(train.create_train_state(model, optimizer, 0), parallel.replicated(mesh))
+    state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))
     batch = parallel.put_batch(_fixed_batch(config), parallel.batch_sharded(mesh))
     losses = []
     for _ in range(8):
@@ -73,7 +82,7 @@ def test_the_step_learns_a_fixed_batch(compiled_step):
 
 def test_the_step_donates_the_state(compiled_step):
     config, model, optimizer, mesh, step = compiled_step
-    state = jax.device_put(train.create_train_state(model, optimizer, 0), parallel.replicated(mesh))
+    state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))
     batch = parallel.put_batch(_fixed_batch(config), parallel.batch_sharded(mesh))
     old_leaf = jax.tree.leaves(state.params)[0]
     step(state, batch, jax.random.key(0))
@@ -82,29 +91,29 @@ def test_the_step_donates_the_state(compiled_step):
 
 def test_parameter_average_follows_the_parameters_with_a_growing_memory():
     ema, params = {"w": jax.numpy.zeros(3)}, {"w": jax.numpy.ones(3)}
-    first = train.ema_update(ema, params, jax.numpy.asarray(0), 0.99)
+    first = ema_update(ema, params, jax.numpy.asarray(0), 0.99)
     np.testing.assert_allclose(first["w"], 0.9)  # rate (1+0)/(10+0) = 0.1 at step 0
-    late = train.ema_update(ema, params, jax.numpy.asarray(10_000), 0.99)
+    late = ema_update(ema, params, jax.numpy.asarray(10_000), 0.99)
     np.testing.assert_allclose(late["w"], 0.01, rtol=1e-5)  # the configured decay
 
 
 def test_evaluation_uses_the_average_only_when_configured(compiled_step):
     config, model, optimizer, mesh, step = compiled_step
-    state = train.create_train_state(model, optimizer, 0)
+    state = create_train_state(model, optimizer, 0)
     state = state.replace(ema_params=jax.tree.map(jax.numpy.zeros_like, state.params))
     config.train.ema_decay = 0.99
-    assert train.evaluation_variables(state, config.train)["params"] is state.ema_params
+    assert evaluation_variables(state, config.train)["params"] is state.ema_params
     config.train.ema_decay = 0.0
-    assert train.evaluation_variables(state, config.train)["params"] is state.params
+    assert evaluation_variables(state, config.train)["params"] is state.params
 
 
 def test_intensity_augmentation_is_off_at_probability_zero_and_random_otherwise(tiny_config):
     image = jax.numpy.ones((4, 2, 8, 8, 8, 1))
     tiny_config.augment.probability = 0.0
-    same = train.augment_intensity(jax.random.key(0), image, tiny_config.augment)
+    same = augment_intensity(jax.random.key(0), image, tiny_config.augment)
     np.testing.assert_array_equal(same, image)
     tiny_config.augment.probability = 1.0
-    changed = np.asarray(train.augment_intensity(jax.random.key(0), image, tiny_config.augment))
+    changed = np.asarray(augment_intensity(jax.random.key(0), image, tiny_config.augment))
     assert not np.allclose(changed, 1.0)
     # Scale and shift are per example and shared by its levels: the means differ by noise only.
     means = changed.mean(axis=(2, 3, 4, 5))
@@ -168,8 +177,6 @@ def test_paper_dry_run_prints_the_parameter_counts():
 
 
 def _params(workdir):
-    from autocontext_jax import checkpointing
-
     config_path = pathlib.Path(workdir) / "config.json"
     saved = json.loads(config_path.read_text())
     manager = checkpointing.make_manager(workdir, _config_from(saved))
@@ -192,20 +199,18 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_phantom, tmp_path):
     config = make_tiny_config(tiny_phantom)
     config.eval.at_end = False
     config.train.steps = 4
-    train.train_and_evaluate(config, str(tmp_path / "straight"))
+    train_and_evaluate(config, str(tmp_path / "straight"))
 
     config.train.steps = 2
-    train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    train_and_evaluate(config, str(tmp_path / "resumed"))
     assert _params(tmp_path / "resumed")[0] == 2
     # The input pipeline's state after step 2's batch is saved beside the model.
-    from autocontext_jax import checkpointing
-
     manager = checkpointing.make_manager(tmp_path / "resumed", config)
     saved = checkpointing.restore_pipeline_state(manager, 2)
     manager.close()
     assert saved["next_step"] == 2 and saved["first_step"] == 0 and saved["grain"] is not None
     config.train.steps = 4
-    result = train.train_and_evaluate(config, str(tmp_path / "resumed"))
+    result = train_and_evaluate(config, str(tmp_path / "resumed"))
     assert result["step"] == 4
 
     step_a, straight = _params(tmp_path / "straight")
@@ -225,10 +230,10 @@ def test_resume_refuses_a_changed_model(tiny_phantom, tmp_path):
     config = make_tiny_config(tiny_phantom)
     config.eval.at_end = False
     config.train.steps = 2
-    train.train_and_evaluate(config, str(tmp_path))
+    train_and_evaluate(config, str(tmp_path))
     config.model.width = 4
     with pytest.raises(ValueError, match=r"config\.model\.width: 2 -> 4"):
-        train.train_and_evaluate(config, str(tmp_path))
+        train_and_evaluate(config, str(tmp_path))
 
 
 def test_a_run_keeps_the_last_checkpoints_and_reports_dice(tiny_phantom, tmp_path):
@@ -238,7 +243,7 @@ def test_a_run_keeps_the_last_checkpoints_and_reports_dice(tiny_phantom, tmp_pat
     config.train.steps = 6
     config.train.checkpoint_every = 1
     config.train.keep_checkpoints = 2
-    result = train.train_and_evaluate(config, str(tmp_path))
+    result = train_and_evaluate(config, str(tmp_path))
     checkpoints = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
     assert checkpoints == [5, 6]
     saved = json.loads((tmp_path / "config.json").read_text())

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from autocontext_jax.models.init import count_parameters
 from autocontext_jax.models.unet import UNet3D, UpConv, max_pool_2x2x2
-from autocontext_jax.train import count_parameters
 
 PAPER_PARAMETERS = 19.07e6
 

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from autocontext_jax import visualize
+from autocontext_jax.evaluation import visualize
 
 
 def test_axial_slices_put_anterior_up_and_the_patients_right_on_the_left():

@@ -1,1 +1,1 @@
-"""Reading, generating and sampling 3D CT data."""
+"""Scans in and out, geometry, plans, the cache, sampling, augmentation, the pipeline."""

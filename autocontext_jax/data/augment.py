@@ -9,7 +9,7 @@ of the region (edge E) reads the volume at
 
 with M = rotation / scale and u a smooth displacement field, so the identity transform
 reads exactly the voxels an unaugmented crop does. Intensity augmentation runs on the
-device, in train.augment_intensity.
+device (data/device_augment.py).
 """
 
 from __future__ import annotations
@@ -24,10 +24,10 @@ from scipy import ndimage
 from autocontext_jax.data.sampling import (
     box_downsample,
     class_fractions,
+    downsample_factor,
     extract_box,
     level_region,
 )
-from autocontext_jax.models.pyramid import downsample_factor
 
 
 @dataclasses.dataclass(frozen=True)

@@ -19,9 +19,10 @@ import numpy as np
 from absl import flags
 
 from autocontext_jax.data.augment import augmented_pyramid_crops, sample_spatial_transform
-from autocontext_jax.data.dataset import Case, DatasetError
-from autocontext_jax.data.intensity import normalize_hu
-from autocontext_jax.data.preprocess import CachedCase, Plan, load_cached
+from autocontext_jax.data.cache import CachedCase, load_cached
+from autocontext_jax.data.dataset import Case
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.plan import Plan
 from autocontext_jax.data.sampling import foreground_centre, pyramid_crops
 
 
@@ -50,9 +51,9 @@ def index_case(case_id: str, image: np.ndarray, label: np.ndarray, path: str) ->
     )
 
 
-def prepare_case(case: Case, data_config: ml_collections.ConfigDict, path: str) -> PreparedCase:
-    """Normalise the intensities of an in-memory case with the fixed HU window and index it."""
-    return index_case(case.case_id, normalize_hu(case.image, data_config), case.label, path)
+def prepare_case(case: Case, plan: Plan, path: str) -> PreparedCase:
+    """Normalise the intensities of an in-memory case (on the plan's grid) and index it."""
+    return index_case(case.case_id, plan.normalize(case.image), case.label, path)
 
 
 def read_prepared_case(case: CachedCase) -> PreparedCase:

@@ -13,7 +13,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from autocontext_jax.models.pyramid import downsample_factor
+
+def downsample_factor(level: int, num_levels: int) -> int:
+    """Downsample factor of pyramid `level` (1 = coarsest) in a pyramid of `num_levels`.
+
+    Level s of S sees the image downsampled by 2^(S-s+1): the coarsest by 2^S, the
+    finest by 2, each finer level the central half of the coarser one's field of view.
+    """
+    return 2 ** (num_levels - level + 1)
 
 
 def level_region(

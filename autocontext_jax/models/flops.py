@@ -13,6 +13,8 @@ from collections.abc import Sequence
 import ml_collections
 import numpy as np
 
+from autocontext_jax.models.pyramid import build_pyramid
+
 
 def unet_forward_flops(
     spatial_shape: Sequence[int], in_channels: int, num_classes: int, width: int, num_poolings: int
@@ -39,18 +41,17 @@ def unet_forward_flops(
 
 def pyramid_forward_flops(config: ml_collections.ConfigDict, spatial_shape: Sequence[int]) -> int:
     """FLOPs of one forward pass of the whole pyramid on one example of crop `spatial_shape`."""
-    model = config.model
-    total = 0
-    for level in range(1, config.pyramid.levels + 1):
-        context = model.num_classes if level > 1 and config.pyramid.mode != "none" else 0
-        total += unet_forward_flops(
+    model = build_pyramid(config)
+    return sum(
+        unet_forward_flops(
             spatial_shape,
-            model.in_channels + context,
+            model.level_in_channels(level),
             model.num_classes,
             model.width,
             model.num_poolings,
         )
-    return total
+        for level in range(1, model.num_levels + 1)
+    )
 
 
 def train_step_flops(config: ml_collections.ConfigDict) -> int:

@@ -13,15 +13,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 
 from autocontext_jax.models.unet import UNet3D
 
 CONTEXT_MODES = ("end_to_end", "stagewise", "none")
-
-
-def downsample_factor(level: int, num_levels: int) -> int:
-    """Downsample factor of pyramid `level` (1 = coarsest) in a pyramid of `num_levels`."""
-    return 2 ** (num_levels - level + 1)
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 def upsample_and_crop(probs: jnp.ndarray, spatial_shape: Sequence[int]) -> jnp.ndarray:
@@ -63,22 +60,40 @@ class AutoContextPyramid(nn.Module):
         if self.mode not in CONTEXT_MODES:
             raise ValueError(f"pyramid.mode must be one of {CONTEXT_MODES}, got {self.mode!r}")
         self.levels = [
-            UNet3D(
-                num_classes=self.num_classes,
-                width=self.width,
-                num_poolings=self.num_poolings,
-                dtype=self.dtype,
-                bn_momentum=self.bn_momentum,
-                conv_impl=self.conv_impl,
-                name=f"level_{s + 1}",
-            )
-            for s in range(self.num_levels)
+            UNet3D(**self._unet_fields(), name=f"level_{s + 1}") for s in range(self.num_levels)
         ]
+
+    def _unet_fields(self) -> dict[str, Any]:
+        # The one place the pyramid hands its fields to the U-Net of a level.
+        return {
+            "num_classes": self.num_classes,
+            "width": self.width,
+            "num_poolings": self.num_poolings,
+            "dtype": self.dtype,
+            "bn_momentum": self.bn_momentum,
+            "conv_impl": self.conv_impl,
+        }
+
+    def level_network(self) -> UNet3D:
+        """A standalone U-Net equal to every level's: it applies the subtree `level_s` unchanged."""
+        return UNet3D(**self._unet_fields(), parent=None)
+
+    def takes_context(self, level: int) -> bool:
+        """Whether pyramid `level` (1-based) gets the coarser level's softmax as input."""
+        return level > 1 and self.mode != "none"
 
     def level_in_channels(self, level: int) -> int:
         """Number of input channels of pyramid `level` (1-based)."""
-        with_context = level > 1 and self.mode != "none"
-        return self.in_channels + (self.num_classes if with_context else 0)
+        return self.in_channels + (self.num_classes if self.takes_context(level) else 0)
+
+    @property
+    def padding_multiple(self) -> int:
+        """What every size of a whole volume is padded to a multiple of: 2^levels * 2^poolings.
+
+        Level grids then nest exactly (each finer grid twice the coarser one) and every
+        level's grid is divisible by its U-Net's poolings.
+        """
+        return 2**self.num_levels * 2**self.num_poolings
 
     def __call__(self, images: Sequence[jnp.ndarray], train: bool = False) -> list[jnp.ndarray]:
         """Map per-level images (coarsest first, each (B, D, H, W, C)) to per-level logits.
@@ -92,7 +107,7 @@ class AutoContextPyramid(nn.Module):
         logits = []
         for s, (net, image) in enumerate(zip(self.levels, images, strict=True)):
             x = image
-            if s > 0 and self.mode != "none":
+            if self.takes_context(s + 1):
                 context = jax.nn.softmax(logits[-1], axis=-1)
                 if self.mode == "stagewise":
                     context = jax.lax.stop_gradient(context)
@@ -100,3 +115,18 @@ class AutoContextPyramid(nn.Module):
                 x = jnp.concatenate([image, context.astype(image.dtype)], axis=-1)
             logits.append(net(x, train=train))
         return logits
+
+
+def build_pyramid(config: ml_collections.ConfigDict) -> AutoContextPyramid:
+    """Build the pyramid module described by `config.model` and `config.pyramid`."""
+    return AutoContextPyramid(
+        num_levels=config.pyramid.levels,
+        mode=config.pyramid.mode,
+        num_classes=config.model.num_classes,
+        in_channels=config.model.in_channels,
+        width=config.model.width,
+        num_poolings=config.model.num_poolings,
+        dtype=COMPUTE_DTYPES[config.model.compute_dtype],
+        bn_momentum=config.model.bn_momentum,
+        conv_impl=config.model.get("conv_impl", "auto"),
+    )

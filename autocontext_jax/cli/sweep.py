@@ -1,6 +1,16 @@
-"""Sweeps: a sweep file expanded into runs, and the commands that train them anywhere.
+"""Sweeps: a sweep file expanded into runs, trained here, on a Cloud TPU slice or with SLURM.
 
-The command is launch/sweep.py. A sweep file is a Python file with `CONFIG`, the path of
+    python launch/sweep.py run launch/ablation_cpu.py --runs_dir runs/ablation_cpu
+    python launch/sweep.py run SWEEP --runs_dir R --backend=tpu --tpu_name=NAME --zone=Z
+    python launch/sweep.py run SWEEP --runs_dir R --backend=slurm --slurm_nodes=2 --dry_run
+    python launch/sweep.py report launch/ablation_cpu.py --runs_dir runs/ablation_cpu
+
+`run` trains the runs one after another here (then prints the report), or submits each to
+every worker of a TPU VM slice (gcloud ... tpu-vm ssh --worker=all) or as an sbatch job;
+`--dry_run` prints the commands (and the sbatch scripts) and runs nothing. `report` gathers
+the evaluated runs into one table with paired Wilcoxon p-values against the first run.
+
+A sweep file is a Python file with `CONFIG`, the path of
 the base config, and `get_sweep()`, which returns a list of override dicts, one per run,
 such as {"pyramid.levels": 2}; `product` builds the grid of several axes. Each run trains
 with `--config.KEY=VALUE` for its overrides into its own workdir RUNS_DIR/NAME, NAME made
@@ -10,15 +20,24 @@ of the keys whose values differ between runs.
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import itertools
 import os
 import pathlib
 import shlex
+import subprocess
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from autocontext_jax import compare
+from absl import app, flags
+
+from autocontext_jax.config_files import load_python_file
+from autocontext_jax.data.atomic import write_text_atomically
+from autocontext_jax.evaluation import compare
+from autocontext_jax.evaluation.metrics import METRIC_NAMES
+
+FLAGS = flags.FLAGS
+BACKENDS = ("local", "tpu", "slurm")
 
 
 class SweepError(ValueError):
@@ -34,7 +53,7 @@ class Sweep:
 
 
 @dataclasses.dataclass(frozen=True)
-class Run:
+class SweepRun:
     """One run of a sweep: its name, its config overrides and its workdir."""
 
     name: str
@@ -53,9 +72,7 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     path = pathlib.Path(path)
     if not path.is_file():
         raise SweepError(f"{path}: no such sweep file")
-    spec = importlib.util.spec_from_file_location(f"sweep_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_python_file(path)
     if not isinstance(getattr(module, "CONFIG", None), str) or not callable(
         getattr(module, "get_sweep", None)
     ):
@@ -74,12 +91,12 @@ def run_name(overrides: Mapping[str, Any], varying: Sequence[str]) -> str:
     return "_".join(parts) or "run"
 
 
-def expand(sweep: Sweep, runs_dir: str) -> list[Run]:
+def expand(sweep: Sweep, runs_dir: str) -> list[SweepRun]:
     """The runs of a sweep, each with a unique workdir under `runs_dir`."""
     keys = list(dict.fromkeys(key for o in sweep.overrides for key in o))
     varying = [k for k in keys if len({repr(o.get(k, "<unset>")) for o in sweep.overrides}) > 1]
     runs = [
-        Run(run_name(o, varying), o, str(pathlib.Path(runs_dir) / run_name(o, varying)))
+        SweepRun(run_name(o, varying), o, str(pathlib.Path(runs_dir) / run_name(o, varying)))
         for o in sweep.overrides
     ]
     names = [run.name for run in runs]
@@ -90,7 +107,7 @@ def expand(sweep: Sweep, runs_dir: str) -> list[Run]:
 
 
 def train_command(
-    sweep: Sweep, run: Run, python: str = "python3", extra: Sequence[str] = ()
+    sweep: Sweep, run: SweepRun, python: str = "python3", extra: Sequence[str] = ()
 ) -> list[str]:
     """The command line that trains and evaluates one run."""
     overrides = [f"--config.{key}={str(value)}" for key, value in run.overrides.items()]
@@ -125,7 +142,7 @@ def tpu_command(
 
 def slurm_script(
     command: Sequence[str],
-    run: Run,
+    run: SweepRun,
     nodes: int = 1,
     gpus_per_node: int = 1,
     time: str = "24:00:00",
@@ -157,7 +174,7 @@ def slurm_script(
     return "\n".join(lines) + "\n"
 
 
-def finished_results(runs: Sequence[Run]) -> tuple[dict[str, dict], list[str]]:
+def finished_results(runs: Sequence[SweepRun]) -> tuple[dict[str, dict], list[str]]:
     """The evaluations of the runs that have one, by name, and the names of those without."""
     results, missing = {}, []
     for run in runs:
@@ -169,7 +186,7 @@ def finished_results(runs: Sequence[Run]) -> tuple[dict[str, dict], list[str]]:
     return results, missing
 
 
-def report(runs: Sequence[Run], metric: str = "dice") -> str:
+def report(runs: Sequence[SweepRun], metric: str = "dice") -> str:
     """One Markdown table of every level of every finished run, p-values against the first."""
     results, missing = finished_results(runs)
     if not results:
@@ -178,3 +195,90 @@ def report(runs: Sequence[Run], metric: str = "dice") -> str:
     if missing:
         text += f"\nNot finished (left out): {', '.join(missing)}\n"
     return text
+
+
+def define_flags() -> None:
+    """Define the command line's flags."""
+    flags.DEFINE_string("runs_dir", None, "Folder of the sweep's run workdirs.")
+    flags.DEFINE_enum("backend", "local", BACKENDS, "Where the runs go.")
+    flags.DEFINE_bool("dry_run", False, "Print the commands (and scripts); run nothing.")
+    flags.DEFINE_string(
+        "python", None, "Python interpreter of the runs (default: this one locally, else python3)."
+    )
+    flags.DEFINE_enum("report_metric", "dice", METRIC_NAMES, "Metric of the report.")
+    flags.DEFINE_string("tpu_name", None, "Cloud TPU VM (slice) name.")
+    flags.DEFINE_string("zone", None, "Cloud TPU zone.")
+    flags.DEFINE_string("project", None, "Google Cloud project (default: gcloud's).")
+    flags.DEFINE_string(
+        "remote_dir", "autocontext-jax", "The repository's checkout on every TPU worker."
+    )
+    flags.DEFINE_integer("slurm_nodes", 1, "Nodes per run.")
+    flags.DEFINE_integer("slurm_gpus_per_node", 1, "GPUs per node.")
+    flags.DEFINE_string("slurm_time", "24:00:00", "Time limit per run.")
+    flags.DEFINE_string("slurm_partition", None, "SLURM partition.")
+
+
+def _launch(sweep: Sweep, runs: Sequence[SweepRun]) -> int:
+    """Start (or print) every run on the chosen backend; the number of failed launches."""
+    local = FLAGS.backend == "local"
+    python = FLAGS.python or (sys.executable if local and not FLAGS.dry_run else "python3")
+    failed = 0
+    for run in runs:
+        command = train_command(sweep, run, python)
+        if FLAGS.backend == "tpu":
+            if not (FLAGS.tpu_name and FLAGS.zone):
+                raise app.UsageError("--backend=tpu needs --tpu_name and --zone")
+            command = tpu_command(
+                command, FLAGS.tpu_name, FLAGS.zone, FLAGS.remote_dir, FLAGS.project
+            )
+        elif FLAGS.backend == "slurm":
+            script = slurm_script(
+                command,
+                run,
+                FLAGS.slurm_nodes,
+                FLAGS.slurm_gpus_per_node,
+                FLAGS.slurm_time,
+                FLAGS.slurm_partition,
+            )
+            script_path = pathlib.Path(run.workdir) / "job.sbatch"
+            command = ["sbatch", str(script_path)]
+            if FLAGS.dry_run:
+                print(f"# {script_path}\n{script}")
+            else:
+                script_path.parent.mkdir(parents=True, exist_ok=True)
+                write_text_atomically(script_path, script)
+        print(f"== {run.name}: {shlex.join(command)}", flush=True)
+        if not FLAGS.dry_run:
+            failed += subprocess.run(command, check=False).returncode != 0
+    return failed
+
+
+def main(argv: list[str]) -> None:
+    """`run SWEEP` launches the sweep's runs; `report SWEEP` prints their gathered table."""
+    if len(argv) != 3 or argv[1] not in ("run", "report"):
+        raise app.UsageError("usage: python launch/sweep.py run|report SWEEP_FILE --runs_dir DIR")
+    if FLAGS.runs_dir is None:
+        raise app.UsageError("--runs_dir is required: the folder of the sweep's workdirs")
+    try:
+        sweep = load_sweep(argv[2])
+        runs = expand(sweep, FLAGS.runs_dir)
+        if argv[1] == "report":
+            print(report(runs, FLAGS.report_metric))
+            return
+        failed = _launch(sweep, runs)
+        if failed:
+            sys.exit(f"{failed} of {len(runs)} runs failed")
+        if FLAGS.backend == "local" and not FLAGS.dry_run:
+            print(report(runs, FLAGS.report_metric))
+    except (SweepError, compare.ComparisonError) as error:
+        sys.exit(f"Sweep {argv[2]}: {error}")
+
+
+def run() -> None:
+    """Entry point of the command."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import ml_collections
 
-from autocontext_jax.losses import LOSS_NAMES
 from autocontext_jax.models import COMPUTE_DTYPES
 from autocontext_jax.models.conv import CONV_IMPLS
 from autocontext_jax.models.pyramid import CONTEXT_MODES
+from autocontext_jax.training.losses import LOSS_NAMES
 
 MAX_PYRAMID_LEVELS = 4
 SCHEDULES = ("constant", "cosine")

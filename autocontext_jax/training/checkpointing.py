@@ -1,4 +1,8 @@
-"""Orbax checkpoints of the train state, and the run's resolved config beside them."""
+"""Orbax checkpoints of the train state, and the run's resolved config beside them.
+
+Both ways a checkpoint is read go through here: the whole train state to resume
+(`restore_latest`), and a part of it to evaluate or predict (`restore_fields`).
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,18 @@ import grain
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+
+from autocontext_jax.data.atomic import write_text_atomically
+
+CONFIG_FILE = "config.json"
+CHECKPOINTS_DIR = "checkpoints"
+# Used for runs saved before the surface metrics existed.
+DEFAULT_NSD_TOLERANCE_MM = 2.0
+
+
+class CheckpointError(ValueError):
+    """A workdir has no usable checkpoint or config; the message names the path."""
+
 
 # Fields that fix the shapes of the saved parameters: a resumed run must not change them.
 SHAPE_FIELDS = (
@@ -34,7 +50,9 @@ def make_manager(
         # A run killed while saving leaves a *.orbax-checkpoint-tmp folder: remove it.
         cleanup_tmp_directories=True,
     )
-    return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / "checkpoints", options=options)
+    return ocp.CheckpointManager(
+        pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR, options=options
+    )
 
 
 def save_args(state: Any, pipeline_state: dict) -> ocp.args.Composite:
@@ -58,6 +76,52 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract))
     )
     return restored.state, step
+
+
+def restore_fields(
+    workdir: str | os.PathLike, target: dict[str, Any], step: int | None = None
+) -> tuple[dict[str, Any], int]:
+    """Some fields of the train state saved at `step` (default: the newest) of a run.
+
+    `target` maps field names of the train state (e.g. "params", "batch_stats") to trees
+    of shape structs with shardings; nothing else (optimiser moments) is read.
+    """
+    directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR
+    if not directory.is_dir():
+        raise CheckpointError(f"{directory}: no checkpoints folder; was the run trained?")
+    manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(create=False))
+    try:
+        steps = manager.all_steps()
+        if not steps:
+            raise CheckpointError(f"{directory}: no finished checkpoint")
+        step = max(steps) if step is None else step
+        if step not in steps:
+            raise CheckpointError(
+                f"{directory}: no checkpoint of step {step} (have {sorted(steps)})"
+            )
+        restore_args = jax.tree.map(
+            lambda leaf: ocp.ArrayRestoreArgs(sharding=leaf.sharding), target
+        )
+        # A checkpoint holds the train state beside the input pipeline's; only the named
+        # fields of the state are read.
+        restored = manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.PyTreeRestore(
+                    item=target, restore_args=restore_args, partial_restore=True
+                )
+            ),
+        ).state
+    except CheckpointError:
+        raise
+    except Exception as error:  # orbax raises several types for missing or misshaped leaves
+        raise CheckpointError(
+            f"{directory / str(step)}: does not match the model of "
+            f"{pathlib.Path(workdir) / CONFIG_FILE} ({type(error).__name__}: {error})"
+        ) from error
+    finally:
+        manager.close()
+    return dict(restored), step
 
 
 def restore_pipeline_state(manager: ocp.CheckpointManager, step: int) -> dict | None:
@@ -95,8 +159,8 @@ class _PipelineState:
 
 def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
     """Write the resolved config to WORKDIR/config.json, refusing shape-changing resumes."""
-    path = pathlib.Path(workdir) / "config.json"
-    if path.exists() and (pathlib.Path(workdir) / "checkpoints").exists():
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if path.exists() and (pathlib.Path(workdir) / CHECKPOINTS_DIR).exists():
         saved = json.loads(path.read_text())
         changed = [
             f"config.{section}.{name}: {saved[section][name]!r} -> {config[section][name]!r}"
@@ -109,6 +173,18 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
                 f"workdir or keep these fields: " + "; ".join(changed)
             )
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".json.tmp")
-    temporary.write_text(config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
-    os.replace(temporary, path)
+    write_text_atomically(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """The resolved config that the run in `workdir` saved as config.json."""
+    path = pathlib.Path(workdir) / CONFIG_FILE
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no config.json; --workdir must be a training run's folder")
+    try:
+        config = ml_collections.ConfigDict(json.loads(path.read_text()))
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise CheckpointError(f"{path}: not a valid config ({error})") from error
+    if "nsd_tolerance_mm" not in config.eval:
+        config.eval.nsd_tolerance_mm = DEFAULT_NSD_TOLERANCE_MM
+    return config

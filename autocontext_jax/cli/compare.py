@@ -1,0 +1,56 @@
+"""Evaluated runs side by side, per organ and level, with paired Wilcoxon p-values.
+
+    python -m autocontext_jax.compare RUN_A RUN_B ... [--metric dice] [--all_levels]
+
+Each RUN is a workdir holding eval_cases.json (written at the end of training or by
+`python -m autocontext_jax.evaluate`); the first is the baseline.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from autocontext_jax.cli.common import fail
+from autocontext_jax.evaluation.compare import (
+    ComparisonError,
+    compare,
+    comparison_markdown,
+    load_result,
+    run_names,
+)
+from autocontext_jax.evaluation.metrics import METRIC_NAMES
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Define the command line's flags."""
+    flags.DEFINE_enum("metric", "dice", METRIC_NAMES, "Which metric to compare.")
+    flags.DEFINE_bool(
+        "all_levels", False, "A column for every pyramid level, not only each run's finest."
+    )
+
+
+def main(argv: list[str]) -> None:
+    """Print the comparison of the workdirs given as arguments."""
+    workdirs = argv[1:]
+    if len(workdirs) < 2:
+        raise app.UsageError("give at least two run workdirs, the baseline first")
+    try:
+        results = {
+            name: load_result(w) for name, w in zip(run_names(workdirs), workdirs, strict=True)
+        }
+        comparison = compare(results, FLAGS.metric, FLAGS.all_levels)
+    except ComparisonError as error:
+        fail("Cannot compare", error)
+    print(comparison_markdown(comparison))
+
+
+def run() -> None:
+    """Entry point of the command."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,40 @@
+"""Write a synthetic phantom dataset (MSD / nnU-Net layout) and print its dataset.json.
+
+    python -m autocontext_jax.data.phantom --out data/phantom --num_cases 30
+
+Each case is drawn from its own stream of --seed, so the dataset does not depend on --workers.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from autocontext_jax.phantom import write_phantom_dataset
+
+
+def define_flags() -> None:
+    """Define the command's flags."""
+    flags.DEFINE_string("out", None, "Output dataset folder.")
+    flags.DEFINE_integer("num_cases", None, "Number of cases to write.")
+    flags.DEFINE_integer("seed", 0, "Random seed of the dataset.")
+    flags.DEFINE_integer("workers", 1, "Processes writing cases in parallel.")
+    flags.mark_flags_as_required(["out", "num_cases"])
+
+
+def main(argv: list[str]) -> None:
+    """Write a phantom dataset and print the path of its dataset.json."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    values = flags.FLAGS
+    path = write_phantom_dataset(values.out, values.num_cases, values.seed, workers=values.workers)
+    print(path)
+
+
+def run() -> None:
+    """Entry point of the command."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,45 @@
+"""Pictures of a run: `python -m autocontext_jax.plot --workdir RUN [--case ID] [--data DIR]`.
+
+Writes WORKDIR/plots/CASE_axial.png, CASE_coronal.png and training_curves.png. Needs
+matplotlib (`pip install -e ".[plot]"`); training does not.
+"""
+
+from __future__ import annotations
+
+from absl import app, flags
+
+from autocontext_jax.cli.common import fail, no_arguments, quiet_logging
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.evaluation.figures import plot_run
+from autocontext_jax.inference import CheckpointError
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Define the command line's flags."""
+    flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
+    flags.DEFINE_string("case", None, "Case id to show (default: the first held-out one).")
+    flags.DEFINE_string("data", None, "Take the case from this dataset instead.")
+
+
+def main(argv: list[str]) -> None:
+    """Write the run's PNGs and print their paths."""
+    no_arguments(argv)
+    quiet_logging()
+    try:
+        paths = plot_run(FLAGS.workdir, FLAGS.case, FLAGS.data)
+    except (CheckpointError, DatasetError, ImportError) as error:
+        fail("Cannot plot", error)
+    for path in paths:
+        print(path)
+
+
+def run() -> None:
+    """Entry point of the command."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

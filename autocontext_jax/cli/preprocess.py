@@ -1,0 +1,59 @@
+"""Preprocess a dataset into its cache: `python -m autocontext_jax.preprocess --config F`.
+
+Training does the same on its own when the cache is missing or stale; running it first
+reports bad files before any model is built. The plan comes from the training cases of
+the run's own split (`data.split_seed`), as in training.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from autocontext_jax.cli.common import fail, no_arguments, quiet_logging
+from autocontext_jax.data.cache import cache_dir
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.training.config_checks import ConfigError, validate_config
+from autocontext_jax.training.loop import preprocess_dataset
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Define the command line's flags."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+
+
+def main(argv: list[str]) -> None:
+    """Preprocess every case of the configured dataset, skipping those already current."""
+    no_arguments(argv)
+    config = FLAGS.config
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/default.py")
+    try:
+        # The device count only matters to the batch size, which preprocessing ignores.
+        validate_config(config, 1)
+    except ConfigError as error:
+        sys.exit(f"Bad configuration: {error}")
+    quiet_logging()
+    try:
+        plan, cached, train_files, val_files = preprocess_dataset(config)
+    except DatasetError as error:
+        fail("Bad dataset", error)
+    print(
+        f"{len(cached)} of {len(train_files) + len(val_files)} cases preprocessed in "
+        f"{cache_dir(config.data)}: spacing {plan.target_spacing} mm, "
+        f"HU clip {plan.clip}, mean {plan.mean:.1f}, std {plan.std:.1f}"
+    )
+
+
+def run() -> None:
+    """Entry point of the command."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,137 @@
+"""Train and evaluate an auto-context pyramid.
+
+    python -m autocontext_jax.main --config configs/default.py --workdir runs/default
+
+Trains in the workdir (resuming from its newest checkpoint), then evaluates the held-out
+cases through the same road from scan to labels as `predict`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import jax
+import ml_collections
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from autocontext_jax.data.dataset import read_split
+from autocontext_jax.data.sampling import downsample_factor
+from autocontext_jax.evaluation.evaluate import evaluate_run, held_out_cases
+from autocontext_jax.evaluation.reports import summary_markdown
+from autocontext_jax.inference import load_run
+from autocontext_jax.models import build_pyramid
+from autocontext_jax.models.init import abstract_variables, count_parameters
+from autocontext_jax.training import multihost
+from autocontext_jax.training.config_checks import ConfigError, validate_config
+from autocontext_jax.training.loop import train
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+    """Define the command line's flags."""
+    config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+    flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
+    flags.DEFINE_bool(
+        "dry_run", False, "Build the model, print the config and parameter counts, and exit."
+    )
+    flags.DEFINE_bool(
+        "multihost", False, "Join the other workers of a TPU slice (a SLURM job is detected)."
+    )
+    flags.DEFINE_string(
+        "coordinator_address", None, "host:port of process 0 of a multi-process run."
+    )
+    flags.DEFINE_integer("num_processes", None, "Processes of the run.")
+    flags.DEFINE_integer("process_id", None, "This process's index, from 0.")
+    flags.DEFINE_string(
+        "compilation_cache",
+        os.path.join(os.path.expanduser("~"), ".cache", "autocontext_jax", "xla"),
+        "Folder of XLA's persistent compilation cache, so a rerun of the same shapes starts "
+        "at once ('' turns it off).",
+    )
+
+
+def enable_compilation_cache(folder: str) -> None:
+    """Keep compiled programs on disk so the next run of the same shapes skips compiling."""
+    if not folder:
+        return
+    jax.config.update("jax_compilation_cache_dir", folder)
+    # The train step and evaluation are worth caching; tiny helper programs are not.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+
+def describe_model(config: ml_collections.ConfigDict) -> str:
+    """The resolved config and the parameter count of every pyramid level."""
+    model = build_pyramid(config)
+    variables = abstract_variables(model)
+    lines = [str(config), "Parameters per pyramid level:"]
+    for level in range(1, config.pyramid.levels + 1):
+        count = count_parameters(variables["params"][f"level_{level}"])
+        factor = downsample_factor(level, config.pyramid.levels)
+        channels = model.level_in_channels(level)
+        lines.append(
+            f"  level {level}: downsample x{factor}, {channels} input channel"
+            f"{'s' if channels > 1 else ''}, {count:,} parameters ({count / 1e6:.2f} M)"
+        )
+    total = count_parameters(variables["params"])
+    lines.append(f"  total: {total:,} parameters ({total / 1e6:.2f} M)")
+    return "\n".join(lines)
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+    """Train in `workdir` (resuming if it holds a checkpoint), then evaluate the held-out cases.
+
+    The evaluation loads the run back from its workdir (`inference.load_run`) and
+    segments every held-out case as `predict` would; its reports go to the workdir.
+    """
+    step = train(config, workdir)
+    result: dict[str, Any] = {"step": step}
+    if config.eval.at_end and read_split(workdir)["val"]:
+        run = load_run(workdir)
+        scores = evaluate_run(run, held_out_cases(run), tensorboard=True)
+        result["dice"] = scores
+        if jax.process_index() == 0:
+            print(summary_markdown(scores))
+    return result
+
+
+def main(argv: list[str]) -> None:
+    """Validate the config, then dry-run or train and evaluate."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    try:
+        multihost.initialize(
+            FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost
+        )
+    except ValueError as error:
+        raise app.UsageError(str(error)) from error
+    config = FLAGS.config
+    if config is None:
+        raise app.UsageError("--config is required, e.g. --config configs/default.py")
+    try:
+        validate_config(config, jax.device_count())
+    except ConfigError as error:
+        sys.exit(f"Bad configuration: {error}")
+    if FLAGS.dry_run:
+        print(describe_model(config))
+        return
+    if not FLAGS["verbosity"].present:
+        # Orbax logs every save at INFO; the progress bar says what the user needs.
+        logging.set_verbosity(logging.WARNING if jax.process_index() == 0 else logging.ERROR)
+    if FLAGS.workdir is None:
+        raise app.UsageError("--workdir is required to train, e.g. --workdir runs/default")
+    enable_compilation_cache(FLAGS.compilation_cache)
+    train_and_evaluate(config, FLAGS.workdir)
+
+
+def run() -> None:
+    """Entry point of the command."""
+    define_flags()
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,1 @@
+"""Scoring a trained run: metrics, reports, comparisons, and pictures of results."""

@@ -1,0 +1,133 @@
+"""Pictures of a run: slices with the reference and every level overlaid, training curves.
+
+Writes WORKDIR/plots/CASE_axial.png, CASE_coronal.png and training_curves.png. The
+predictions drawn are `inference.segment`'s, the labels `predict` writes. Needs
+matplotlib (`pip install -e ".[plot]"`); training does not.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Sequence
+
+import numpy as np
+
+from autocontext_jax.data import dataset as dataset_lib
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.labels import class_names
+from autocontext_jax.data.sampling import downsample_factor
+from autocontext_jax.evaluation import visualize
+from autocontext_jax.evaluation.evaluate import held_out_cases, load_case
+from autocontext_jax.inference import Run, load_run, segment
+
+PLOTS_DIR = "plots"
+
+
+def _figure_class():
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as error:
+        raise ImportError(
+            'the plot command needs matplotlib: pip install -e ".[plot]" (or matplotlib)'
+        ) from error
+    return Figure
+
+
+def slices_figure(
+    case: dataset_lib.Case, predictions: Sequence[np.ndarray], num_classes: int, plane: str
+):
+    """A matplotlib Figure: CT, reference and each level's prediction on the middle slice."""
+    figure_class = _figure_class()
+    from matplotlib.patches import Patch
+
+    levels = len(predictions)
+    x, y, z = case.geometry.spacing
+    # Displayed rows run along Y (axial) or Z (coronal), columns along X.
+    aspect = (y if plane == "axial" else z) / x
+    titles = ["CT", "reference"] + [
+        f"level {s} (x{downsample_factor(s, levels)} down)" for s in range(1, levels + 1)
+    ]
+    labels = [None, case.label, *predictions]
+    figure = figure_class(figsize=(3.2 * len(titles), 3.8), layout="constrained")
+    axes = figure.subplots(1, len(titles))
+    image = visualize.display_slice(case.image, plane)
+    for ax, title, label in zip(axes, titles, labels, strict=True):
+        if label is None:
+            rgb = visualize.ct_to_grey(image)
+        else:
+            rgb = visualize.overlay(image, visualize.display_slice(label, plane), num_classes)
+        ax.imshow(rgb, aspect=aspect, interpolation="nearest")
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+    colours = visualize.class_colours(num_classes) / 255.0
+    handles = [
+        Patch(color=colours[k], label=name)
+        for k, name in enumerate(class_names(num_classes))
+        if k > 0
+    ]
+    figure.legend(handles=handles, loc="outside lower center", ncols=min(len(handles), 7))
+    figure.suptitle(f"{case.case_id}, {plane} (middle slice; patient right on the left)")
+    return figure
+
+
+def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, float]]:
+    """The lines of WORKDIR/metrics.jsonl, in order."""
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    if not path.is_file():
+        raise DatasetError(f"{path}: no training metrics")
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def curves_figure(records: Sequence[dict[str, float]]):
+    """A matplotlib Figure: total and per-level losses, learning rate, and steps/s."""
+    figure_class = _figure_class()
+    steps = [r["step"] for r in records]
+    figure = figure_class(figsize=(13, 3.8), layout="constrained")
+    loss_ax, lr_ax, speed_ax = figure.subplots(1, 3)
+    loss_names = ["loss"] + sorted(name for name in records[0] if name.startswith("loss_level_"))
+    for name in loss_names:
+        label = "total" if name == "loss" else f"level {name.rsplit('_', 1)[1]}"
+        loss_ax.plot(steps, [r[name] for r in records], label=label)
+    loss_ax.set(title="training loss", xlabel="step")
+    loss_ax.legend()
+    lr_ax.plot(steps, [r["learning_rate"] for r in records])
+    lr_ax.set(title="learning rate", xlabel="step")
+    speed_ax.plot(steps, [r["steps_per_second"] for r in records])
+    speed_ax.set(title="steps per second", xlabel="step")
+    return figure
+
+
+def plot_case(
+    run: Run, case_id: str | None = None, data_dir: str | os.PathLike | None = None
+) -> tuple[dataset_lib.Case, list[np.ndarray]]:
+    """(case, each level's labels) of a held-out case (default the first), as predict makes them."""
+    files = held_out_cases(run, data_dir)
+    if case_id is not None:
+        files = [f for f in files if f.case_id == case_id]
+        if not files:
+            raise DatasetError(f"case {case_id!r} is not among the cases to plot")
+    case = load_case(run, files[0])
+    return case, segment(run, case.scan).levels
+
+
+def plot_run(
+    workdir: str | pathlib.Path,
+    case_id: str | None = None,
+    data_dir: str | os.PathLike | None = None,
+) -> list[pathlib.Path]:
+    """Write the slice and curve PNGs of a run into WORKDIR/plots; return their paths."""
+    run = load_run(workdir)
+    case, predictions = plot_case(run, case_id, data_dir)
+    out = run.workdir / PLOTS_DIR
+    out.mkdir(exist_ok=True)
+    written = []
+    for plane in ("axial", "coronal"):
+        path = out / f"{case.case_id}_{plane}.png"
+        slices_figure(case, predictions, run.num_classes, plane).savefig(path, dpi=120)
+        written.append(path)
+    path = out / "training_curves.png"
+    curves_figure(read_metrics(run.workdir)).savefig(path, dpi=120)
+    written.append(path)
+    return written

@@ -1,0 +1,102 @@
+"""A trained run, loaded once from its workdir: what every road from a scan to labels needs.
+
+    run = load_run("runs/default")          # config, model, variables, plan, step
+    labels = segment(run, read_scan("ct.nii.gz")).finest
+
+`predict`, `evaluate`, `plot`, the end-of-run evaluation and notebooks all load a run
+here, so they apply the same checkpoint, the same preprocessing plan (the run's own
+WORKDIR/plan.json, never a shared cache's) and the same label map.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pathlib
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.labels import class_names
+from autocontext_jax.data.plan import Plan, load_run_plan
+from autocontext_jax.inference.tiling import TilingOptions
+from autocontext_jax.models import AutoContextPyramid, build_pyramid
+from autocontext_jax.training import parallel
+from autocontext_jax.training.checkpointing import CheckpointError, read_run_config
+from autocontext_jax.training.state import restore_evaluation_variables
+
+__all__ = ["CheckpointError", "Run", "default_options", "load_run"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Run:
+    """A trained pyramid ready to segment: its config, module, variables, plan and step."""
+
+    workdir: pathlib.Path
+    config: ml_collections.ConfigDict
+    model: AutoContextPyramid
+    # The parameters it evaluates (the average when train.ema_decay > 0) and BatchNorm
+    # statistics, replicated over every device.
+    variables: dict[str, Any]
+    step: int
+    # The preprocessing the run trained with (spacing, normalisation).
+    plan: Plan
+
+    @property
+    def num_classes(self) -> int:
+        """Number of model classes, background included."""
+        return self.config.model.num_classes
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Display names of the model's classes."""
+        return class_names(self.num_classes)
+
+    @property
+    def label_map(self) -> tuple[tuple[int, int], ...]:
+        """(dataset id, model class) pairs the run read its labels through; () for none."""
+        return tuple(tuple(pair) for pair in self.config.data.get("label_map", ()))
+
+    @property
+    def unmapped_labels(self) -> str:
+        """What the run did with dataset ids its label map leaves out."""
+        return self.config.data.get("unmapped_labels", "background")
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
+    """Load the run in `workdir` at checkpoint `step` (default: the newest).
+
+    Shapes come from the run's config.json; only the variables it evaluates are read.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    config = read_run_config(workdir)
+    try:
+        model = build_pyramid(config)
+    except (AttributeError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"{workdir / 'config.json'}: cannot build the model ({error})"
+        ) from error
+    try:
+        plan = load_run_plan(workdir)
+    except DatasetError as error:
+        raise CheckpointError(str(error)) from error
+    sharding = parallel.replicated(parallel.make_mesh())
+    variables, step = restore_evaluation_variables(workdir, model, config.train, sharding, step)
+    return Run(workdir, config, model, variables, step, plan)
+
+
+def default_options(config: ml_collections.ConfigDict, **overrides: Any) -> TilingOptions:
+    """Tiling options for a run: tiles twice the training crop ("network reshaping").
+
+    Overrides that are None keep the default.
+    """
+    values: dict[str, Any] = {"tile_size": 2 * config.data.crop_size}
+    values.update({key: value for key, value in overrides.items() if value is not None})
+    return TilingOptions(**values)
+
+
+def level_names(run: Run) -> Sequence[str]:
+    """`level_1` (coarsest) ... `level_S` (finest): the names reports use for the levels."""
+    return [f"level_{s}" for s in range(1, run.model.num_levels + 1)]

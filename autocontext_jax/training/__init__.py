@@ -1,0 +1,1 @@
+"""Training the pyramid: state, step, loop, losses, checkpoints, logs, devices."""

@@ -1,0 +1,228 @@
+"""The training loop: data in, steps run, logs and checkpoints out, resumable from its workdir."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+import pathlib
+import time
+from collections.abc import Callable, Iterator
+
+import jax
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import tqdm
+
+from autocontext_jax import phantom
+from autocontext_jax.data import cache as cache_lib
+from autocontext_jax.data import dataset as dataset_lib
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.pipeline import (
+    PreparedCase,
+    PyramidExampleSampler,
+    read_prepared_case,
+    train_batches,
+)
+from autocontext_jax.data.plan import Plan, save_run_plan
+from autocontext_jax.models import build_pyramid
+from autocontext_jax.training import checkpointing, logs, parallel
+from autocontext_jax.training.config_checks import validate_config
+from autocontext_jax.training.state import TrainState, make_optimizer, restore_or_create_state
+from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
+
+
+def prefetch_to_device(
+    batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.NamedSharding, size: int = 2
+) -> Iterator[Batch]:
+    """Keep `size` batches on their way to the devices while the current step runs."""
+    queue: collections.deque[Batch] = collections.deque()
+
+    def enqueue(count: int) -> None:
+        for batch in itertools.islice(batches, count):
+            queue.append(parallel.put_batch(batch, sharding))
+
+    enqueue(size)
+    while queue:
+        yield queue.popleft()
+        enqueue(1)
+
+
+def ensure_dataset(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The dataset folder; generates the phantom there when it is missing or empty."""
+    data_dir = pathlib.Path(data_config.dir)
+    empty = not data_dir.exists() or not any(data_dir.iterdir())
+    if empty and data_config.phantom_cases > 0:
+        _say(f"Generating {data_config.phantom_cases} phantom cases in {data_dir}")
+        phantom.write_phantom_dataset(data_dir, data_config.phantom_cases, seed=0, workers=2)
+    return data_dir
+
+
+def load_prepared(cases: list[cache_lib.CachedCase]) -> dict[str, PreparedCase]:
+    """Memory-map and index every preprocessed training case once."""
+    return {
+        c.case_id: read_prepared_case(c)
+        for c in tqdm.tqdm(cases, desc="reading cases", leave=False, disable=len(cases) < 8)
+    }
+
+
+def _say(message: str) -> None:
+    """Tell the user (process 0 only); absl logging is left to library chatter."""
+    if jax.process_index() == 0:
+        print(message, flush=True)
+
+
+def preprocess_dataset(
+    config: ml_collections.ConfigDict,
+) -> tuple[Plan, dict[str, cache_lib.CachedCase], list, list]:
+    """(plan, cached cases, train files, held-out files) of the run's dataset and split.
+
+    The phantom is generated first when so configured; the cache is brought up to date,
+    its plan made from the run's own training cases (`data.split_seed`). Both training
+    and the preprocess command come here.
+    """
+    ensure_dataset(config.data)
+    files = dataset_lib.list_dataset(config.data)
+    train_files, val_files = dataset_lib.split_dataset(files, config.data)
+    plan, cached = cache_lib.ensure_preprocessed(config, files, train_files)
+    return plan, cached, train_files, val_files
+
+
+def prepare_data(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path
+) -> tuple[PyramidExampleSampler, list[dataset_lib.CaseFiles]]:
+    """The training sampler and the held-out cases; the split and plan go to the workdir.
+
+    Cases are preprocessed into the cache first when it is missing or stale.
+    """
+    plan, cached, train_files, val_files = preprocess_dataset(config)
+    # Cases skipped as bad (data.skip_bad_cases) drop out of both sides of the split.
+    train_cases = [cached[f.case_id] for f in train_files if f.case_id in cached]
+    if not train_cases:
+        raise DatasetError("no usable training case is left after skipping bad ones")
+    val_files = [f for f in val_files if f.case_id in cached]
+    if jax.process_index() == 0:
+        dataset_lib.write_split(
+            workdir, [c.case_id for c in train_cases], [f.case_id for f in val_files]
+        )
+        save_run_plan(workdir, plan)
+    # Worker processes read their own copies; only an in-process pipeline shares these.
+    preloaded = load_prepared(train_cases) if config.data.worker_count == 0 else None
+    sampler = PyramidExampleSampler(train_cases, config, plan, preloaded=preloaded)
+    return sampler, val_files
+
+
+def _progress_postfix(values: dict[str, float]) -> dict[str, str]:
+    postfix = {
+        f"L{name.rsplit('_', 1)[1]}": f"{value:.3f}"
+        for name, value in values.items()
+        if name.startswith("loss_level_")
+    }
+    postfix["steps/s"] = f"{values['steps_per_second']:.2f}"
+    return postfix
+
+
+def train_loop(
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    state: TrainState,
+    train_step: Callable,
+    batches: Iterator[Batch],
+    manager: ocp.CheckpointManager,
+    rng: jax.Array,
+    pipeline_state: Callable[[int], dict] | None = None,
+) -> TrainState:
+    """Run the steps from state.step to train.steps, logging and checkpointing as configured.
+
+    `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
+    checkpoint of step k.
+    """
+
+    def save_args(state: TrainState, step: int):
+        return checkpointing.save_args(state, pipeline_state(step) if pipeline_state else {})
+
+    start_step = int(state.step)
+    progress = tqdm.tqdm(
+        total=config.train.steps,
+        initial=start_step,
+        desc="train",
+        disable=jax.process_index() != 0,
+        dynamic_ncols=True,
+    )
+    writer = logs.MetricWriter(workdir)
+    last_time, last_step = time.perf_counter(), start_step
+    for step in range(start_step + 1, config.train.steps + 1):
+        state, metrics = train_step(state, next(batches), rng)
+        if step % config.train.checkpoint_every == 0:
+            manager.save(step, args=save_args(state, step))
+        progress.update(1)
+        if step % config.train.log_every == 0 or step == config.train.steps:
+            # The only host synchronisation of the loop.
+            values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+            if not math.isfinite(values["loss"]):
+                raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
+            now = time.perf_counter()
+            values["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            progress.set_postfix(_progress_postfix(values))
+            writer.write_scalars(step, values)
+    progress.close()
+    writer.close()
+    if manager.latest_step() != int(state.step):
+        manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
+    manager.wait_until_finished()
+    return state
+
+
+def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """A copy of `config` whose data folders are absolute, so the run works from anywhere."""
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.dir = str(pathlib.Path(config.data.dir).absolute())
+        if config.data.cache_dir:
+            config.data.cache_dir = str(pathlib.Path(config.data.cache_dir).absolute())
+    return config
+
+
+def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int:
+    """Train the pyramid in `workdir`, resuming from its newest checkpoint; the final step.
+
+    The workdir gets the resolved config (data folders made absolute), the split, the
+    plan, the checkpoints and the logs; evaluation reads the run back from there.
+    """
+    validate_config(config, jax.device_count())
+    config = absolute_paths(config)
+    workdir = pathlib.Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    if jax.process_index() == 0:
+        checkpointing.write_config(workdir, config)
+    sampler, _ = prepare_data(config, workdir)
+
+    model = build_pyramid(config)
+    optimizer = make_optimizer(config.train)
+    mesh = parallel.make_mesh()
+    manager = checkpointing.make_manager(workdir, config)
+    state, restored_step = restore_or_create_state(
+        manager, model, optimizer, config.seed, parallel.replicated(mesh)
+    )
+    saved_pipeline = None
+    if restored_step is not None:
+        _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
+        saved_pipeline = checkpointing.restore_pipeline_state(manager, restored_step)
+    host_batches = train_batches(
+        sampler,
+        config,
+        restored_step or 0,
+        jax.process_index(),
+        jax.process_count(),
+        saved_state=saved_pipeline,
+    )
+    batches = prefetch_to_device(host_batches, parallel.batch_sharded(mesh))
+    train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    rng = parallel.replicated_key(config.seed + 1, mesh)
+    state = train_loop(
+        config, workdir, state, train_step, batches, manager, rng, host_batches.state_at
+    )
+    manager.close()
+    return int(state.step)
