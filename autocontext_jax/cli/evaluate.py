@@ -1,4 +1,6 @@
-"""Evaluate a trained run: `python -m autocontext_jax.evaluate --workdir RUN [--data DIR]`.
+"""Evaluate a trained run on its held-out cases or on another dataset.
+
+    autocontext evaluate --workdir runs/default [--data DIR]
 
 Scores the run's newest checkpoint on its held-out cases (or every case of another
 dataset) and writes eval_cases.json and eval_summary.{md,csv,json} into the workdir.
@@ -6,9 +8,11 @@ dataset) and writes eval_cases.json and eval_summary.{md,csv,json} into the work
 
 from __future__ import annotations
 
-from absl import app, flags
+from collections.abc import Sequence
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging
+from absl import flags
+
+from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation.evaluate import evaluate_workdir
 from autocontext_jax.evaluation.reports import summary_markdown
@@ -40,10 +44,9 @@ def main(argv: list[str]) -> None:
     print(f"Wrote eval_cases.json and eval_summary.{{md,csv,json}} into {FLAGS.workdir}")
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
-"""Segment CT scans with a trained run: `python -m autocontext_jax.predict --workdir RUN ...`.
+"""Segment CT scans with a trained run, a file or a folder at a time.
 
-    python -m autocontext_jax.predict --workdir runs/default --input ct.nii.gz --output seg.nii.gz
-    python -m autocontext_jax.predict --workdir runs/default --input scans/ --output segs/
+    autocontext predict --workdir runs/default --input ct.nii.gz --output seg.nii.gz
+    autocontext predict --workdir runs/default --input scans/ --output segs/
 
 Writes uint8 label maps in each input's own geometry (affine, qform/sform codes, voxel
 size), so they overlay the scan in any viewer. With --labels, prints the Dice of every
@@ -11,11 +11,12 @@ case against its reference (read through the run's label map, as in training).
 from __future__ import annotations
 
 import pathlib
+from collections.abc import Sequence
 from typing import Any
 
 from absl import app, flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging
+from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.labels import read_labels
 from autocontext_jax.evaluation.evaluate import dice_per_class
@@ -140,10 +141,9 @@ def main(argv: list[str]) -> None:
         print(dice_report(results, trained))
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv)
 
 
 if __name__ == "__main__":
