@@ -15,7 +15,10 @@ from autocontext_jax import inference
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data import nifti
 from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.labels import TOTALSEGMENTATOR_TO_PAPER, parse_label_map
 from autocontext_jax.data.plan import Plan
+from autocontext_jax.evaluation.folders import evaluate_folders, summary_document
+from autocontext_jax.inference import predict as predict_lib
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import init_variables
 
@@ -23,7 +26,7 @@ REAL_CASE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/totalseg_
 if not REAL_CASE.is_dir():
     REAL_CASE = pathlib.Path("/work/shared/data/totalseg_example")
 # TotalSegmentator "total" ids of the paper's seven structures (see the data's README).
-TOTALSEG_TO_PAPER = {52: 1, 64: 2, 5: 3, 1: 4, 6: 5, 4: 6, 7: 7}
+TOTALSEG_TO_PAPER = dict(TOTALSEGMENTATOR_TO_PAPER)
 MARKER_HU = 800.0
 
 
@@ -283,3 +286,139 @@ def test_command_line_names_a_missing_checkpoint(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0
     assert f"Error: {tmp_path / 'config.json'}: no config.json" in result.stderr
+
+
+def _nnunet_folder(tiny_phantom, root, cases=2, label_ids=None):
+    """imagesTs/CASE_0000.nii.gz and labelsTs/CASE.nii.gz of the first phantom cases."""
+    images, labels = root / "imagesTs", root / "labelsTs"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    for image in sorted((tiny_phantom / "imagesTr").glob("*_0000.nii.gz"))[:cases]:
+        case = image.name.removesuffix("_0000.nii.gz")
+        (images / image.name).write_bytes(image.read_bytes())
+        label = nib.load(tiny_phantom / "labelsTr" / f"{case}.nii.gz")
+        ids = np.asarray(label.dataobj).astype(np.uint8)
+        if label_ids is not None:
+            ids = np.asarray(label_ids, np.uint8)[ids]
+        nib.save(nib.Nifti1Image(ids, label.affine, label.header), labels / f"{case}.nii.gz")
+    return images, labels
+
+
+def test_folders_go_the_nnunet_way_and_continue_skips_what_is_done(
+    threshold_predictor, tiny_phantom, tmp_path
+):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path)
+    options = inference.TilingOptions(tile_size=16)
+    done = list(inference.predict_paths(threshold_predictor, images, tmp_path / "segs", options))
+    assert [r.case for r in done] == ["phantom_000", "phantom_001"]
+    assert sorted(p.name for p in (tmp_path / "segs").iterdir()) == [
+        "phantom_000.nii.gz",
+        "phantom_001.nii.gz",
+    ]
+    jobs = predict_lib.list_inputs(images, tmp_path / "segs")
+    found = predict_lib.reference_files(jobs, labels)
+    assert [found[job.input].name for job in jobs] == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
+    again = inference.predict_paths(
+        threshold_predictor, images, tmp_path / "segs", options, skip_done=True
+    )
+    assert list(again) == []
+    # An output older than the checkpoint is predicted again.
+    assert not predict_lib.predicted_after(jobs[0], jobs[0].output.stat().st_mtime + 1)
+
+
+def test_predict_never_writes_over_an_input(threshold_predictor, tiny_phantom, tmp_path):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path)
+    before = {p: p.read_bytes() for p in [*images.iterdir(), *labels.iterdir()]}
+    options = inference.TilingOptions(tile_size=16)
+    scan = images / "phantom_000_0000.nii.gz"
+    link = tmp_path / "link.nii.gz"
+    link.symlink_to(scan)
+    plain = tmp_path / "plain.nii.gz"
+    plain.write_bytes(scan.read_bytes())
+    refused = [
+        (images, images, "is the input folder"),
+        (images, images / ".." / "imagesTs", "is the input folder"),
+        (scan, scan, "would write over the input"),
+        (plain, tmp_path / "nowhere" / ".." / "plain.nii.gz", "would write over the input"),
+        (scan, link, "would write over the input"),
+    ]
+    for source, output, message in refused:
+        with pytest.raises(DatasetError, match=message):
+            list(inference.predict_paths(threshold_predictor, source, output, options))
+    jobs = predict_lib.list_inputs(images, labels)
+    with pytest.raises(DatasetError, match="would write over the input .*labelsTs"):
+        predict_lib.check_outputs(jobs, 2, protected=list(labels.iterdir()))
+    assert {p: p.read_bytes() for p in [*images.iterdir(), *labels.iterdir()]} == before
+    assert scan.read_bytes() == plain.read_bytes()
+
+
+def test_a_folder_of_labels_against_itself_scores_perfectly(tiny_phantom, tmp_path):
+    _, labels = _nnunet_folder(tiny_phantom, tmp_path)
+    result = evaluate_folders(labels, labels, num_classes=8)
+    assert result["case_ids"] == ["phantom_000", "phantom_001"]
+    np.testing.assert_allclose(result["dice"]["final_level"], 1.0)
+    np.testing.assert_allclose(result["hd95"]["final_level"], 0.0)
+    document = summary_document(result)
+    assert document["mean"]["nsd"]["Avg."] == 1.0
+    with pytest.raises(DatasetError, match="no reference for the prediction"):
+        evaluate_folders(labels, tmp_path / "imagesTs", num_classes=8)
+
+
+def test_label_maps_from_a_preset_or_pairs():
+    assert parse_label_map("totalsegmentator", 8) == TOTALSEGMENTATOR_TO_PAPER
+    assert parse_label_map(" 52:1, 5:3 ", 8) == ((52, 1), (5, 3))
+    for text, message in [
+        ("52-1", "expected ID:CLASS pairs"),
+        ("52:9", r"classes \[9\] >= the model's 8"),
+        ("5:1,5:2", "mapped twice"),
+        ("", "no ID:CLASS pair"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_label_map(text, 8)
+
+
+def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_phantom, tmp_path):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path)
+    output = tmp_path / "segs"
+    command = [
+        sys.executable, "-m", "autocontext_jax", "predict",
+        "--workdir", str(trained_run), "--input", str(images), "--output", str(output),
+        "--tile_size", "16",
+    ]  # fmt: skip
+    result = subprocess.run([*command, "--labels", str(labels)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in output.iterdir()) == [
+        "phantom_000.nii.gz",
+        "phantom_001.nii.gz",
+        "summary.json",
+    ]
+    assert "phantom_000: " in result.stdout and "mean Dice" in result.stdout
+    summary = json.loads((output / "summary.json").read_text())
+    assert sorted(summary["cases"]) == ["phantom_000", "phantom_001"]
+    assert set(summary["mean"]) == {"dice", "hd95", "nsd"}
+    assert list(summary["cases"]["phantom_000"]["hd95"]) == summary["classes"]
+    dice = [list(summary["cases"][c]["dice"].values()) for c in sorted(summary["cases"])]
+    np.testing.assert_allclose(list(summary["mean"]["dice"].values())[:-1], np.mean(dice, 0))
+    written = {p.name: p.stat().st_mtime_ns for p in output.glob("*.nii.gz")}
+
+    # The folder evaluation (no run) scores the written files alike.
+    evaluate = [
+        sys.executable, "-m", "autocontext_jax", "evaluate", "--predictions", str(output),
+        "--labels", str(labels), "--summary", str(tmp_path / "evaluated.json"),
+    ]  # fmt: skip
+    result = subprocess.run(evaluate, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "evaluated.json").read_text()) == summary
+
+    # The same references with TotalSegmentator's ids, read through the preset, on a rerun
+    # that predicts nothing: the same scores.
+    to_totalseg = {paper: source for source, paper in TOTALSEGMENTATOR_TO_PAPER}
+    paper_to_totalseg = [0] + [to_totalseg[paper] for paper in range(1, 8)]
+    _, totalseg_labels = _nnunet_folder(tiny_phantom, tmp_path / "ts", label_ids=paper_to_totalseg)
+    rerun = [*command, "--labels", str(totalseg_labels), "--label_map=totalsegmentator"]
+    result = subprocess.run([*rerun, "--continue"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 cases predicted after step" in result.stdout
+    assert "tiles in" not in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("*.nii.gz")} == written
+    assert json.loads((output / "summary.json").read_text()) == summary

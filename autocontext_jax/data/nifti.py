@@ -20,6 +20,8 @@ from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.geometry import Geometry, Scan, canonical_to_original, image_geometry
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# nnU-Net names the one CT channel of case CASE `CASE_0000.nii.gz` and its labels `CASE.nii.gz`.
+CHANNEL_SUFFIX = "_0000"
 
 
 def is_nifti_name(path: str | os.PathLike) -> bool:
@@ -34,6 +36,11 @@ def case_name(path: str | os.PathLike) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def case_id(path: str | os.PathLike) -> str:
+    """The case a scan file holds, as nnU-Net names it: `case_0000.nii.gz` -> `case`."""
+    return case_name(path).removesuffix(CHANNEL_SUFFIX)
 
 
 def read_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
