@@ -12,6 +12,7 @@ from autocontext_jax import __version__
 from autocontext_jax.cli.commands import COMMANDS
 
 # Installed by `pip install -e .` beside the interpreter (CI installs so); absent otherwise.
+REPO = pathlib.Path(__file__).resolve().parents[1]
 CONSOLE_SCRIPT = pathlib.Path(sys.executable).parent / "autocontext"
 # The commands that take a config file, whose help lists the shipped configs.
 CONFIG_COMMANDS = ("train", "preprocess")
@@ -58,3 +59,42 @@ def test_the_installed_console_script_runs_a_subcommand(tmp_path):
     assert result.returncode == 0 and result.stdout.strip() == f"autocontext-jax {__version__}"
     result = _run(str(CONSOLE_SCRIPT), "predict", "--help")
     assert result.returncode == 0 and "autocontext predict --workdir" in result.stdout
+
+
+def test_platform_flag_names_a_platform_without_devices_in_one_line():
+    command = [
+        sys.executable, "-m", "autocontext_jax", "train", "--config", "configs/default.py",
+        "--dry_run", "--platform=tpu",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    if result.returncode == 0:
+        pytest.skip("this machine has a TPU")
+    assert "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("--platform=tpu: Unable to initialize backend 'tpu'")
+    )
+    result = subprocess.run(
+        [*command[:-1], "--platform=cpu"], capture_output=True, text=True, cwd=REPO
+    )
+    assert result.returncode == 0, result.stderr
+    assert "level 2:" in result.stdout
+
+
+START_UP_SCRIPT = """
+import logging, sys
+from autocontext_jax.cli.common import run_command
+def main(argv):
+    logging.getLogger("jax._src.xla_bridge").warning("Unable to initialize backend 'tpu'")
+    print("ran")
+run_command("A command.", lambda: None, main, sys.argv)
+"""
+
+
+def test_jax_start_up_warnings_show_only_with_verbosity():
+    quiet = _run(sys.executable, "-c", START_UP_SCRIPT)
+    assert quiet.returncode == 0 and quiet.stdout.strip() == "ran", quiet.stderr
+    assert "initialize backend" not in quiet.stderr
+    verbose = _run(sys.executable, "-c", START_UP_SCRIPT, "--verbosity=0")
+    assert verbose.returncode == 0 and "initialize backend 'tpu'" in verbose.stderr

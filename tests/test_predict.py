@@ -1,6 +1,7 @@
 """Predicting from a trained run: checkpoints in, NIfTI out in the input's own geometry."""
 
 import json
+import logging
 import pathlib
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from autocontext_jax.inference import predict as predict_lib
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import init_variables
 
-REAL_CASE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/totalseg_example"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REAL_CASE = REPO.parent / "shared/data/totalseg_example"
 if not REAL_CASE.is_dir():
     REAL_CASE = pathlib.Path("/work/shared/data/totalseg_example")
 # TotalSegmentator "total" ids of the paper's seven structures (see the data's README).
@@ -422,3 +424,18 @@ def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_ph
     assert "tiles in" not in result.stdout
     assert {p.name: p.stat().st_mtime_ns for p in output.glob("*.nii.gz")} == written
     assert json.loads((output / "summary.json").read_text()) == summary
+
+
+def test_an_input_that_does_not_look_like_ct_is_named_in_a_warning(
+    threshold_predictor, tiny_phantom, tmp_path, caplog
+):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path, cases=1)
+    options = inference.TilingOptions(tile_size=16)
+    with caplog.at_level(logging.WARNING, logger="autocontext_jax.inference.predict"):
+        scan = next(images.iterdir())
+        inference.predict_file(threshold_predictor, scan, tmp_path / "a.nii.gz", options)
+        assert caplog.records == []
+        label_file = next(labels.iterdir())
+        inference.predict_file(threshold_predictor, label_file, tmp_path / "b.nii.gz", options)
+    [record] = caplog.records
+    assert str(label_file) in record.getMessage() and "a label map" in record.getMessage()

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging as std_logging
 import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+import jax
 from absl import app, flags, logging
 
 from autocontext_jax import __version__
@@ -17,6 +19,7 @@ from autocontext_jax.config_files import shipped_configs
 # under a console script or `python -m autocontext_jax` is not the command's module.
 HELP_OPTIONS = ("--help", "-h", "-?", "--helpshort")
 VERSION_OPTION = "--version"
+PLATFORMS = ("cpu", "gpu", "tpu")
 OVERRIDE_HELP = (
     "Any field of the config can be overridden: --config.a.b=value, e.g.\n"
     "    --config.train.steps=200 --config.pyramid.levels=3 --config.data.dir=/data/Task07"
@@ -33,6 +36,19 @@ def quiet_logging() -> None:
     """Library chatter (Orbax logs every save at INFO) only when asked for with --verbosity."""
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
+
+
+def quiet_start_up() -> None:
+    """Hide JAX's start-up warnings (a missing libtpu, a GPU without CUDA jaxlib) unless
+    --verbosity is given: the command says which devices it uses."""
+    if not flags.FLAGS["verbosity"].present:
+        std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.ERROR)
+
+
+def use_platform(platform: str | None) -> None:
+    """Run JAX on `platform` (cpu, gpu, tpu); nothing is touched yet (multihost joins first)."""
+    if platform is not None:
+        jax.config.update("jax_platforms", platform)
 
 
 def fail(prefix: str, error: Exception) -> NoReturn:
@@ -74,6 +90,11 @@ def command_help(doc: str, defined: Sequence[flags.Flag], takes_config: bool) ->
     if takes_config:
         parts += [OVERRIDE_HELP, configs_help()]
     lines = ["Flags:", *(_flag_line(flag) for flag in defined)]
+    if any(flag.name == "platform" for flag in defined):
+        lines.append(
+            "  (--platform is JAX's JAX_PLATFORMS variable: JAX_PLATFORMS=cpu autocontext ... "
+            "does the same)"
+        )
     lines.append("  --verbosity=0: show library and JAX logs (hidden by default)")
     lines.append(f"  {VERSION_OPTION}: print the version; --helpfull: every flag, absl's too")
     parts.append("\n".join(lines))
@@ -86,11 +107,22 @@ def run_command(
     main: Callable[[list[str]], None],
     argv: Sequence[str] | None = None,
     takes_config: bool = False,
+    computes: bool = False,
 ) -> None:
-    """Define the command's flags, answer --help and --version (status 0), else run `main`."""
+    """Define the command's flags, answer --help and --version (status 0), else run `main`.
+
+    A command that `computes` also takes --platform, applied before `main` touches JAX.
+    """
     argv = list(sys.argv if argv is None else argv)
     before = set(flags.FLAGS)
     define_flags()
+    if computes:
+        flags.DEFINE_enum(
+            "platform",
+            None,
+            PLATFORMS,
+            "Compute on this platform (default: JAX's choice, the best one installed).",
+        )
     defined = {id(flags.FLAGS[name]): flags.FLAGS[name] for name in flags.FLAGS}
     defined = [flag for flag in defined.values() if flag.name not in before]
     options = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
@@ -100,4 +132,19 @@ def run_command(
     if VERSION_OPTION in options:
         print(version_line())
         sys.exit(0)
-    app.run(main, argv=argv)
+
+    def start(remaining: list[str]) -> None:
+        quiet_start_up()
+        if not computes:
+            main(remaining)
+            return
+        use_platform(flags.FLAGS.platform)
+        try:
+            main(remaining)
+        except RuntimeError as error:
+            # JAX raises this at the first device use when the platform has no device.
+            if "Unable to initialize backend" not in str(error):
+                raise
+            fail(f"--platform={flags.FLAGS.platform}", RuntimeError(str(error).splitlines()[0]))
+
+    app.run(start, argv=argv)

@@ -41,7 +41,7 @@ def main(argv: list[str]) -> None:
 
 def run(argv: Sequence[str] | None = None) -> None:
     """Entry point of the command (`argv` defaults to sys.argv)."""
-    run_command(__doc__, define_flags, main, argv)
+    run_command(__doc__, define_flags, main, argv, computes=True)
 
 
 if __name__ == "__main__":

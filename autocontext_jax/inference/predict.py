@@ -13,6 +13,7 @@ checked before any work starts, and no output may land on an input.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import time
@@ -21,6 +22,7 @@ from collections.abc import Iterator, Sequence
 import tqdm
 
 from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.hounsfield import hounsfield_warning
 from autocontext_jax.data.nifti import (
     NIFTI_SUFFIXES,
     case_id,
@@ -33,6 +35,9 @@ from autocontext_jax.data.nifti import (
 from autocontext_jax.inference.run import Run, checkpoint_time
 from autocontext_jax.inference.segment import Segmentation, segment, tiles_of
 from autocontext_jax.inference.tiling import TilingOptions
+
+# A scan that does not look like CT is segmented all the same, with a warning on this logger.
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,6 +81,9 @@ def predict_file(
     check_writable(output_path)
     start = time.perf_counter()
     scan = read_scan(input_path)
+    warning = hounsfield_warning(scan.image)
+    if warning:
+        logger.warning("%s %s", input_path, warning)
     with tqdm.tqdm(
         total=tiles_of(run, scan, options),
         desc="tiles",
