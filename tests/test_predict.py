@@ -439,3 +439,21 @@ def test_an_input_that_does_not_look_like_ct_is_named_in_a_warning(
         inference.predict_file(threshold_predictor, label_file, tmp_path / "b.nii.gz", options)
     [record] = caplog.records
     assert str(label_file) in record.getMessage() and "a label map" in record.getMessage()
+
+
+def test_an_input_without_a_qform_gives_an_output_without_one(tmp_path):
+    # As nibabel's as_reoriented writes a scan: sform (code 2) only, qform code 0.
+    affine = np.array([[0, 4.0, 0, -83], [4.0, 0, 0, -78], [0, 0, 4.0, -86], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(np.zeros((5, 6, 7), np.int16), affine)
+    image.header.set_qform(None, code=0)
+    image.header.set_sform(affine, code=2)
+    nib.save(image, tmp_path / "scan.nii.gz")
+    scan = nifti.read_scan(tmp_path / "scan.nii.gz")
+    nifti.write_label_map(
+        np.zeros(scan.image.shape, np.uint8), scan.geometry, tmp_path / "seg.nii.gz"
+    )
+    seg = nib.load(tmp_path / "seg.nii.gz")
+    assert seg.header.get_qform(coded=True)[1] == 0
+    sform, code = seg.header.get_sform(coded=True)
+    assert code == 2 and np.allclose(sform, affine)
+    np.testing.assert_allclose(seg.affine, affine)
