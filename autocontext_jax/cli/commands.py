@@ -14,7 +14,17 @@ import sys
 from collections.abc import Sequence
 from types import ModuleType
 
-from autocontext_jax.cli import compare, evaluate, phantom, plot, predict, preprocess, sweep, train
+from autocontext_jax.cli import (
+    check,
+    compare,
+    evaluate,
+    phantom,
+    plot,
+    predict,
+    preprocess,
+    sweep,
+    train,
+)
 from autocontext_jax.cli.common import HELP_OPTIONS, VERSION_OPTION, version_line
 
 PROGRAM = "autocontext"
@@ -28,6 +38,7 @@ COMMANDS: dict[str, ModuleType] = {
     "plot": plot,
     "compare": compare,
     "sweep": sweep,
+    "check": check,
 }
 
 
