@@ -12,12 +12,18 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+try:
+    import SimpleITK as sitk  # noqa: N813
+except ImportError:
+    sitk = None
+
 from autocontext_jax import inference
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data import nifti
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.labels import TOTALSEGMENTATOR_TO_PAPER, parse_label_map
 from autocontext_jax.data.plan import Plan
+from autocontext_jax.data.scans import read_any_scan
 from autocontext_jax.evaluation.folders import evaluate_folders, summary_document
 from autocontext_jax.inference import predict as predict_lib
 from autocontext_jax.models import build_pyramid
@@ -426,6 +432,11 @@ def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_ph
     assert json.loads((output / "summary.json").read_text()) == summary
 
 
+def _predict_warnings(caplog):
+    # Other libraries may warn meanwhile (JAX, Orbax); only predict's own records count.
+    return [r for r in caplog.records if r.name == "autocontext_jax.inference.predict"]
+
+
 def test_an_input_that_does_not_look_like_ct_is_named_in_a_warning(
     threshold_predictor, tiny_phantom, tmp_path, caplog
 ):
@@ -434,10 +445,10 @@ def test_an_input_that_does_not_look_like_ct_is_named_in_a_warning(
     with caplog.at_level(logging.WARNING, logger="autocontext_jax.inference.predict"):
         scan = next(images.iterdir())
         inference.predict_file(threshold_predictor, scan, tmp_path / "a.nii.gz", options)
-        assert caplog.records == []
+        assert _predict_warnings(caplog) == []
         label_file = next(labels.iterdir())
         inference.predict_file(threshold_predictor, label_file, tmp_path / "b.nii.gz", options)
-    [record] = caplog.records
+    [record] = _predict_warnings(caplog)
     assert str(label_file) in record.getMessage() and "a label map" in record.getMessage()
 
 
@@ -457,3 +468,67 @@ def test_an_input_without_a_qform_gives_an_output_without_one(tmp_path):
     sform, code = seg.header.get_sform(coded=True)
     assert code == 2 and np.allclose(sform, affine)
     np.testing.assert_allclose(seg.affine, affine)
+
+
+def _dicom_series(folder):
+    """A CT-like series written slice by slice as DICOM, oblique and anisotropic; its image."""
+    data = np.full((19, 40, 33), 20, np.int16)  # ITK array order: (z, y, x)
+    data[3:11, 22:28, 4:14] = MARKER_HU
+    image = sitk.GetImageFromArray(data)
+    image.SetSpacing((0.9, 1.3, 2.5))
+    image.SetOrigin((-40.0, 25.0, 100.0))
+    rotation = _rotation_z(20)
+    image.SetDirection(tuple(rotation.ravel()))
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    orientation = "\\".join(str(v) for v in (*direction[0::3], *direction[1::3]))
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        plane.SetMetaData("0008|0060", "CT")
+        plane.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.1")
+        plane.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2")
+        plane.SetMetaData("0020|0037", orientation)
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        plane.SetMetaData("0020|0032", "\\".join(str(v) for v in position))
+        plane.SetMetaData("0020|0013", str(k + 1))
+        plane.SetMetaData("0018|0050", str(image.GetSpacing()[2]))
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(plane)
+    return image
+
+
+@pytest.mark.skipif(sitk is None, reason="needs SimpleITK (pip install -e .[io])")
+def test_a_dicom_series_gives_a_nifti_on_the_series_grid_as_itk_reads_both(
+    threshold_predictor, tmp_path
+):
+    written = _dicom_series(tmp_path / "series")
+    options = inference.TilingOptions(tile_size=16)
+    [done] = inference.predict_paths(
+        threshold_predictor, tmp_path / "series", tmp_path / "out", options
+    )
+    assert done.output == tmp_path / "out" / "series.nii.gz"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
+    series, output = reader.Execute(), sitk.ReadImage(str(done.output))
+    assert output.GetSize() == series.GetSize() == written.GetSize()
+    np.testing.assert_allclose(output.GetOrigin(), series.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(output.GetSpacing(), series.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(output.GetDirection(), series.GetDirection(), atol=1e-5)
+    np.testing.assert_allclose(series.GetDirection(), written.GetDirection(), atol=1e-5)
+    found = sitk.GetArrayFromImage(output) == 1
+    marker = sitk.GetArrayFromImage(series) == MARKER_HU
+    assert 2 * np.sum(found & marker) / (found.sum() + marker.sum()) > 0.8
+    # NRRD and MetaImage copies read onto the same grid.
+    reference = read_any_scan(tmp_path / "series").geometry.original_affine
+    for name in ("scan.nrrd", "scan.mha"):
+        sitk.WriteImage(series, str(tmp_path / name))
+        scan = read_any_scan(tmp_path / name)
+        np.testing.assert_allclose(scan.geometry.original_affine, reference, atol=1e-5)
+    with pytest.raises(DatasetError, match="is the input folder"):
+        list(
+            inference.predict_paths(
+                threshold_predictor, tmp_path / "series", tmp_path / "series", options
+            )
+        )

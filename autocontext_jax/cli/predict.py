@@ -59,7 +59,10 @@ def define_flags() -> None:
     """Define the command line's flags."""
     flags.DEFINE_string("workdir", None, "A training run's folder (config.json, checkpoints/).")
     flags.DEFINE_string(
-        "input", None, "A NIfTI scan, or a folder of them (nnU-Net: CASE_0000.nii.gz)."
+        "input",
+        None,
+        "A scan (NIfTI; with SimpleITK also .nrrd, .mha, .mhd, or a DICOM series folder), or "
+        "a folder of scan files (nnU-Net: CASE_0000.nii.gz).",
     )
     flags.DEFINE_string(
         "output", None, "Output .nii.gz file, or a folder (CASE.nii.gz per case) for a folder."

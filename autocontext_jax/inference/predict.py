@@ -25,13 +25,12 @@ from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.hounsfield import hounsfield_warning
 from autocontext_jax.data.nifti import (
     NIFTI_SUFFIXES,
-    case_id,
     case_name,
     is_nifti_name,
-    read_scan,
     write_label_map,
     write_probabilities,
 )
+from autocontext_jax.data.scans import is_dicom_folder, is_scan_name, read_any_scan, scan_case_id
 from autocontext_jax.inference.run import Run, checkpoint_time
 from autocontext_jax.inference.segment import Segmentation, segment, tiles_of
 from autocontext_jax.inference.tiling import TilingOptions
@@ -80,7 +79,7 @@ def predict_file(
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
     check_writable(output_path)
     start = time.perf_counter()
-    scan = read_scan(input_path)
+    scan = read_any_scan(input_path)
     warning = hounsfield_warning(scan.image)
     if warning:
         logger.warning("%s %s", input_path, warning)
@@ -112,7 +111,7 @@ def predict_file(
             run.class_names,
         )
     return PredictedFile(
-        case_id(input_path), input_path, output_path, result, time.perf_counter() - start
+        scan_case_id(input_path), input_path, output_path, result, time.perf_counter() - start
     )
 
 
@@ -126,18 +125,23 @@ class PredictionJob:
 
 
 def list_inputs(input_path: pathlib.Path, output_path: pathlib.Path) -> list[PredictionJob]:
-    """The job of a file, or of every NIfTI file of a folder: OUTPUT/CASE.nii.gz for a folder."""
-    if input_path.is_dir():
-        files = sorted(p for p in input_path.iterdir() if is_nifti_name(p) and p.is_file())
-        if not files:
-            raise DatasetError(f"{input_path}: no .nii or .nii.gz file in this folder")
+    """The job of a scan (a file or a DICOM series folder), or of every scan file of a folder.
+
+    A folder's cases are written as OUTPUT/CASE.nii.gz; a folder holding no scan file is
+    one DICOM series, its case the folder's name.
+    """
+    if input_path.is_dir() and not is_dicom_folder(input_path):
+        files = sorted(p for p in input_path.iterdir() if is_scan_name(p) and p.is_file())
         if output_path.exists() and not output_path.is_dir():
             raise DatasetError(f"{output_path}: must be a folder when --input is a folder")
         if output_path.resolve() == input_path.resolve():
             raise DatasetError(
                 f"{output_path}: is the input folder; write the outputs to another folder"
             )
-        jobs = [PredictionJob(case_id(p), p, output_path / f"{case_id(p)}.nii.gz") for p in files]
+        jobs = [
+            PredictionJob(scan_case_id(p), p, output_path / f"{scan_case_id(p)}.nii.gz")
+            for p in files
+        ]
         cases = [job.case for job in jobs]
         twice = sorted({case for case in cases if cases.count(case) > 1})
         if twice:
@@ -145,9 +149,12 @@ def list_inputs(input_path: pathlib.Path, output_path: pathlib.Path) -> list[Pre
         return jobs
     if not input_path.exists():
         raise DatasetError(f"{input_path}: no such file or folder")
-    if output_path.is_dir():
-        output_path = output_path / f"{case_id(input_path)}.nii.gz"
-    return [PredictionJob(case_id(input_path), input_path, output_path)]
+    if input_path.is_dir() and output_path.resolve() == input_path.resolve():
+        raise DatasetError(f"{output_path}: is the input folder; write the output elsewhere")
+    # A folder output (existing, or named without .nii.gz for a DICOM folder) gets CASE.nii.gz.
+    if output_path.is_dir() or (input_path.is_dir() and not is_nifti_name(output_path)):
+        output_path = output_path / f"{scan_case_id(input_path)}.nii.gz"
+    return [PredictionJob(scan_case_id(input_path), input_path, output_path)]
 
 
 def outputs_of(
