@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import os
 import pathlib
 from types import ModuleType
 
 import ml_collections
+
+# The configs/ folder of the checkout this package runs from (an editable install or a clone).
+SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def load_python_file(path: str | os.PathLike) -> ModuleType:
@@ -22,3 +26,16 @@ def load_python_file(path: str | os.PathLike) -> ModuleType:
 def load_config_file(path: str | os.PathLike) -> ml_collections.ConfigDict:
     """`get_config()` of the config file at `path`, from any working directory."""
     return load_python_file(path).get_config()
+
+
+def shipped_configs() -> list[tuple[pathlib.Path, str]]:
+    """(path, first docstring line) of every config in the checkout's configs/ folder."""
+    found = []
+    for path in sorted(SHIPPED_CONFIGS.glob("*.py")):
+        # Read the docstring without running the file: listing configs must not fail on one.
+        try:
+            docstring = ast.get_docstring(ast.parse(path.read_text())) or ""
+        except (OSError, SyntaxError, ValueError):
+            docstring = ""
+        found.append((path, docstring.strip().split("\n")[0]))
+    return found

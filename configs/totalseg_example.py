@@ -12,17 +12,7 @@ import pathlib
 import ml_collections
 
 from autocontext_jax.config_files import load_config_file
-
-# TotalSegmentator v2 "total" id -> paper class (../shared/data/totalseg_example/README.md).
-TOTALSEGMENTATOR_TO_PAPER = (
-    (52, 1),  # aorta -> artery
-    (64, 2),  # portal_vein_and_splenic_vein -> portal vein
-    (5, 3),  # liver
-    (1, 4),  # spleen
-    (6, 5),  # stomach
-    (4, 6),  # gallbladder
-    (7, 7),  # pancreas
-)
+from autocontext_jax.data.labels import TOTALSEGMENTATOR_TO_PAPER
 
 
 def _example_dir() -> pathlib.Path:
@@ -40,6 +30,7 @@ def get_config() -> ml_collections.ConfigDict:
     config = load_config_file(pathlib.Path(__file__).with_name("default.py"))
     config.data.dir = str(_example_dir())
     config.data.pairs = (("ct.nii.gz", "labels_totalsegmentator.nii.gz"),)
+    # TotalSegmentator v2 "total" ids of the paper's structures (also predict's preset).
     config.data.label_map = TOTALSEGMENTATOR_TO_PAPER
     config.data.cache_dir = "data/totalseg_example_preprocessed"
     config.data.phantom_cases = 0

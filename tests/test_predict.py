@@ -1,6 +1,7 @@
 """Predicting from a trained run: checkpoints in, NIfTI out in the input's own geometry."""
 
 import json
+import logging
 import pathlib
 import subprocess
 import sys
@@ -11,19 +12,29 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+try:
+    import SimpleITK as sitk  # noqa: N813
+except ImportError:
+    sitk = None
+
 from autocontext_jax import inference
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data import nifti
 from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.labels import TOTALSEGMENTATOR_TO_PAPER, parse_label_map
 from autocontext_jax.data.plan import Plan
+from autocontext_jax.data.scans import read_any_scan
+from autocontext_jax.evaluation.folders import evaluate_folders, summary_document
+from autocontext_jax.inference import predict as predict_lib
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import init_variables
 
-REAL_CASE = pathlib.Path(__file__).resolve().parents[2] / "shared/data/totalseg_example"
+REPO = pathlib.Path(__file__).resolve().parents[1]
+REAL_CASE = REPO.parent / "shared/data/totalseg_example"
 if not REAL_CASE.is_dir():
     REAL_CASE = pathlib.Path("/work/shared/data/totalseg_example")
 # TotalSegmentator "total" ids of the paper's seven structures (see the data's README).
-TOTALSEG_TO_PAPER = {52: 1, 64: 2, 5: 3, 1: 4, 6: 5, 4: 6, 7: 7}
+TOTALSEG_TO_PAPER = dict(TOTALSEGMENTATOR_TO_PAPER)
 MARKER_HU = 800.0
 
 
@@ -283,3 +294,241 @@ def test_command_line_names_a_missing_checkpoint(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0
     assert f"Error: {tmp_path / 'config.json'}: no config.json" in result.stderr
+
+
+def _nnunet_folder(tiny_phantom, root, cases=2, label_ids=None):
+    """imagesTs/CASE_0000.nii.gz and labelsTs/CASE.nii.gz of the first phantom cases."""
+    images, labels = root / "imagesTs", root / "labelsTs"
+    images.mkdir(parents=True)
+    labels.mkdir()
+    for image in sorted((tiny_phantom / "imagesTr").glob("*_0000.nii.gz"))[:cases]:
+        case = image.name.removesuffix("_0000.nii.gz")
+        (images / image.name).write_bytes(image.read_bytes())
+        label = nib.load(tiny_phantom / "labelsTr" / f"{case}.nii.gz")
+        ids = np.asarray(label.dataobj).astype(np.uint8)
+        if label_ids is not None:
+            ids = np.asarray(label_ids, np.uint8)[ids]
+        nib.save(nib.Nifti1Image(ids, label.affine, label.header), labels / f"{case}.nii.gz")
+    return images, labels
+
+
+def test_folders_go_the_nnunet_way_and_continue_skips_what_is_done(
+    threshold_predictor, tiny_phantom, tmp_path
+):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path)
+    options = inference.TilingOptions(tile_size=16)
+    done = list(inference.predict_paths(threshold_predictor, images, tmp_path / "segs", options))
+    assert [r.case for r in done] == ["phantom_000", "phantom_001"]
+    assert sorted(p.name for p in (tmp_path / "segs").iterdir()) == [
+        "phantom_000.nii.gz",
+        "phantom_001.nii.gz",
+    ]
+    jobs = predict_lib.list_inputs(images, tmp_path / "segs")
+    found = predict_lib.reference_files(jobs, labels)
+    assert [found[job.input].name for job in jobs] == ["phantom_000.nii.gz", "phantom_001.nii.gz"]
+    again = inference.predict_paths(
+        threshold_predictor, images, tmp_path / "segs", options, skip_done=True
+    )
+    assert list(again) == []
+    # An output older than the checkpoint is predicted again.
+    assert not predict_lib.predicted_after(jobs[0], jobs[0].output.stat().st_mtime + 1)
+
+
+def test_predict_never_writes_over_an_input(threshold_predictor, tiny_phantom, tmp_path):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path)
+    before = {p: p.read_bytes() for p in [*images.iterdir(), *labels.iterdir()]}
+    options = inference.TilingOptions(tile_size=16)
+    scan = images / "phantom_000_0000.nii.gz"
+    link = tmp_path / "link.nii.gz"
+    link.symlink_to(scan)
+    plain = tmp_path / "plain.nii.gz"
+    plain.write_bytes(scan.read_bytes())
+    refused = [
+        (images, images, "is the input folder"),
+        (images, images / ".." / "imagesTs", "is the input folder"),
+        (scan, scan, "would write over the input"),
+        (plain, tmp_path / "nowhere" / ".." / "plain.nii.gz", "would write over the input"),
+        (scan, link, "would write over the input"),
+    ]
+    for source, output, message in refused:
+        with pytest.raises(DatasetError, match=message):
+            list(inference.predict_paths(threshold_predictor, source, output, options))
+    jobs = predict_lib.list_inputs(images, labels)
+    with pytest.raises(DatasetError, match="would write over the input .*labelsTs"):
+        predict_lib.check_outputs(jobs, 2, protected=list(labels.iterdir()))
+    assert {p: p.read_bytes() for p in [*images.iterdir(), *labels.iterdir()]} == before
+    assert scan.read_bytes() == plain.read_bytes()
+
+
+def test_a_folder_of_labels_against_itself_scores_perfectly(tiny_phantom, tmp_path):
+    _, labels = _nnunet_folder(tiny_phantom, tmp_path)
+    result = evaluate_folders(labels, labels, num_classes=8)
+    assert result["case_ids"] == ["phantom_000", "phantom_001"]
+    np.testing.assert_allclose(result["dice"]["final_level"], 1.0)
+    np.testing.assert_allclose(result["hd95"]["final_level"], 0.0)
+    document = summary_document(result)
+    assert document["mean"]["nsd"]["Avg."] == 1.0
+    with pytest.raises(DatasetError, match="no reference for the prediction"):
+        evaluate_folders(labels, tmp_path / "imagesTs", num_classes=8)
+
+
+def test_label_maps_from_a_preset_or_pairs():
+    assert parse_label_map("totalsegmentator", 8) == TOTALSEGMENTATOR_TO_PAPER
+    assert parse_label_map(" 52:1, 5:3 ", 8) == ((52, 1), (5, 3))
+    for text, message in [
+        ("52-1", "expected ID:CLASS pairs"),
+        ("52:9", r"classes \[9\] >= the model's 8"),
+        ("5:1,5:2", "mapped twice"),
+        ("", "no ID:CLASS pair"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            parse_label_map(text, 8)
+
+
+def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_phantom, tmp_path):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path)
+    output = tmp_path / "segs"
+    command = [
+        sys.executable, "-m", "autocontext_jax", "predict",
+        "--workdir", str(trained_run), "--input", str(images), "--output", str(output),
+        "--tile_size", "16",
+    ]  # fmt: skip
+    result = subprocess.run([*command, "--labels", str(labels)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in output.iterdir()) == [
+        "phantom_000.nii.gz",
+        "phantom_001.nii.gz",
+        "summary.json",
+    ]
+    assert "phantom_000: " in result.stdout and "mean Dice" in result.stdout
+    summary = json.loads((output / "summary.json").read_text())
+    assert sorted(summary["cases"]) == ["phantom_000", "phantom_001"]
+    assert set(summary["mean"]) == {"dice", "hd95", "nsd"}
+    assert list(summary["cases"]["phantom_000"]["hd95"]) == summary["classes"]
+    dice = [list(summary["cases"][c]["dice"].values()) for c in sorted(summary["cases"])]
+    np.testing.assert_allclose(list(summary["mean"]["dice"].values())[:-1], np.mean(dice, 0))
+    written = {p.name: p.stat().st_mtime_ns for p in output.glob("*.nii.gz")}
+
+    # The folder evaluation (no run) scores the written files alike.
+    evaluate = [
+        sys.executable, "-m", "autocontext_jax", "evaluate", "--predictions", str(output),
+        "--labels", str(labels), "--summary", str(tmp_path / "evaluated.json"),
+    ]  # fmt: skip
+    result = subprocess.run(evaluate, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "evaluated.json").read_text()) == summary
+
+    # The same references with TotalSegmentator's ids, read through the preset, on a rerun
+    # that predicts nothing: the same scores.
+    to_totalseg = {paper: source for source, paper in TOTALSEGMENTATOR_TO_PAPER}
+    paper_to_totalseg = [0] + [to_totalseg[paper] for paper in range(1, 8)]
+    _, totalseg_labels = _nnunet_folder(tiny_phantom, tmp_path / "ts", label_ids=paper_to_totalseg)
+    rerun = [*command, "--labels", str(totalseg_labels), "--label_map=totalsegmentator"]
+    result = subprocess.run([*rerun, "--continue"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "2 of 2 cases predicted after step" in result.stdout
+    assert "tiles in" not in result.stdout
+    assert {p.name: p.stat().st_mtime_ns for p in output.glob("*.nii.gz")} == written
+    assert json.loads((output / "summary.json").read_text()) == summary
+
+
+def _predict_warnings(caplog):
+    # Other libraries may warn meanwhile (JAX, Orbax); only predict's own records count.
+    return [r for r in caplog.records if r.name == "autocontext_jax.inference.predict"]
+
+
+def test_an_input_that_does_not_look_like_ct_is_named_in_a_warning(
+    threshold_predictor, tiny_phantom, tmp_path, caplog
+):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path, cases=1)
+    options = inference.TilingOptions(tile_size=16)
+    with caplog.at_level(logging.WARNING, logger="autocontext_jax.inference.predict"):
+        scan = next(images.iterdir())
+        inference.predict_file(threshold_predictor, scan, tmp_path / "a.nii.gz", options)
+        assert _predict_warnings(caplog) == []
+        label_file = next(labels.iterdir())
+        inference.predict_file(threshold_predictor, label_file, tmp_path / "b.nii.gz", options)
+    [record] = _predict_warnings(caplog)
+    assert str(label_file) in record.getMessage() and "a label map" in record.getMessage()
+
+
+def test_an_input_without_a_qform_gives_an_output_without_one(tmp_path):
+    # As nibabel's as_reoriented writes a scan: sform (code 2) only, qform code 0.
+    affine = np.array([[0, 4.0, 0, -83], [4.0, 0, 0, -78], [0, 0, 4.0, -86], [0, 0, 0, 1]])
+    image = nib.Nifti1Image(np.zeros((5, 6, 7), np.int16), affine)
+    image.header.set_qform(None, code=0)
+    image.header.set_sform(affine, code=2)
+    nib.save(image, tmp_path / "scan.nii.gz")
+    scan = nifti.read_scan(tmp_path / "scan.nii.gz")
+    nifti.write_label_map(
+        np.zeros(scan.image.shape, np.uint8), scan.geometry, tmp_path / "seg.nii.gz"
+    )
+    seg = nib.load(tmp_path / "seg.nii.gz")
+    assert seg.header.get_qform(coded=True)[1] == 0
+    sform, code = seg.header.get_sform(coded=True)
+    assert code == 2 and np.allclose(sform, affine)
+    np.testing.assert_allclose(seg.affine, affine)
+
+
+def _dicom_series(folder):
+    """A CT-like series written slice by slice as DICOM, oblique and anisotropic; its image."""
+    data = np.full((19, 40, 33), 20, np.int16)  # ITK array order: (z, y, x)
+    data[3:11, 22:28, 4:14] = MARKER_HU
+    image = sitk.GetImageFromArray(data)
+    image.SetSpacing((0.9, 1.3, 2.5))
+    image.SetOrigin((-40.0, 25.0, 100.0))
+    rotation = _rotation_z(20)
+    image.SetDirection(tuple(rotation.ravel()))
+    folder.mkdir()
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    direction = image.GetDirection()
+    orientation = "\\".join(str(v) for v in (*direction[0::3], *direction[1::3]))
+    for k in range(image.GetDepth()):
+        plane = image[:, :, k]
+        plane.SetMetaData("0008|0060", "CT")
+        plane.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.1")
+        plane.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2")
+        plane.SetMetaData("0020|0037", orientation)
+        position = image.TransformIndexToPhysicalPoint((0, 0, k))
+        plane.SetMetaData("0020|0032", "\\".join(str(v) for v in position))
+        plane.SetMetaData("0020|0013", str(k + 1))
+        plane.SetMetaData("0018|0050", str(image.GetSpacing()[2]))
+        writer.SetFileName(str(folder / f"slice_{k:03d}.dcm"))
+        writer.Execute(plane)
+    return image
+
+
+@pytest.mark.skipif(sitk is None, reason="needs SimpleITK (pip install -e .[io])")
+def test_a_dicom_series_gives_a_nifti_on_the_series_grid_as_itk_reads_both(
+    threshold_predictor, tmp_path
+):
+    written = _dicom_series(tmp_path / "series")
+    options = inference.TilingOptions(tile_size=16)
+    [done] = inference.predict_paths(
+        threshold_predictor, tmp_path / "series", tmp_path / "out", options
+    )
+    assert done.output == tmp_path / "out" / "series.nii.gz"
+    reader = sitk.ImageSeriesReader()
+    reader.SetFileNames(reader.GetGDCMSeriesFileNames(str(tmp_path / "series")))
+    series, output = reader.Execute(), sitk.ReadImage(str(done.output))
+    assert output.GetSize() == series.GetSize() == written.GetSize()
+    np.testing.assert_allclose(output.GetOrigin(), series.GetOrigin(), atol=1e-4)
+    np.testing.assert_allclose(output.GetSpacing(), series.GetSpacing(), atol=1e-4)
+    np.testing.assert_allclose(output.GetDirection(), series.GetDirection(), atol=1e-5)
+    np.testing.assert_allclose(series.GetDirection(), written.GetDirection(), atol=1e-5)
+    found = sitk.GetArrayFromImage(output) == 1
+    marker = sitk.GetArrayFromImage(series) == MARKER_HU
+    assert 2 * np.sum(found & marker) / (found.sum() + marker.sum()) > 0.8
+    # NRRD and MetaImage copies read onto the same grid.
+    reference = read_any_scan(tmp_path / "series").geometry.original_affine
+    for name in ("scan.nrrd", "scan.mha"):
+        sitk.WriteImage(series, str(tmp_path / name))
+        scan = read_any_scan(tmp_path / name)
+        np.testing.assert_allclose(scan.geometry.original_affine, reference, atol=1e-5)
+    with pytest.raises(DatasetError, match="is the input folder"):
+        list(
+            inference.predict_paths(
+                threshold_predictor, tmp_path / "series", tmp_path / "series", options
+            )
+        )

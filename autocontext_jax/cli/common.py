@@ -1,11 +1,29 @@
-"""What every command shares: quiet library logging, and its one-line errors."""
+"""What every command shares: its --help and --version, quiet library logging, one-line errors."""
 
 from __future__ import annotations
 
+import logging as std_logging
+import os
 import sys
+import textwrap
+from collections.abc import Callable, Sequence
 from typing import NoReturn
 
+import jax
 from absl import app, flags, logging
+
+from autocontext_jax import __version__
+from autocontext_jax.config_files import shipped_configs
+
+# absl's own --help exits with status 1 and lists only the flags of the __main__ module, which
+# under a console script or `python -m autocontext_jax` is not the command's module.
+HELP_OPTIONS = ("--help", "-h", "-?", "--helpshort")
+VERSION_OPTION = "--version"
+PLATFORMS = ("cpu", "gpu", "tpu")
+OVERRIDE_HELP = (
+    "Any field of the config can be overridden: --config.a.b=value, e.g.\n"
+    "    --config.train.steps=200 --config.pyramid.levels=3 --config.data.dir=/data/Task07"
+)
 
 
 def no_arguments(argv: list[str]) -> None:
@@ -20,6 +38,113 @@ def quiet_logging() -> None:
         logging.set_verbosity(logging.WARNING)
 
 
+def quiet_start_up() -> None:
+    """Hide JAX's start-up warnings (a missing libtpu, a GPU without CUDA jaxlib) unless
+    --verbosity is given: the command says which devices it uses."""
+    if not flags.FLAGS["verbosity"].present:
+        std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.ERROR)
+
+
+def use_platform(platform: str | None) -> None:
+    """Run JAX on `platform` (cpu, gpu, tpu); nothing is touched yet (multihost joins first)."""
+    if platform is not None:
+        jax.config.update("jax_platforms", platform)
+
+
 def fail(prefix: str, error: Exception) -> NoReturn:
     """Exit with status 1 and one line `PREFIX: message` on standard error, no traceback."""
     sys.exit(f"{prefix}: {error}")
+
+
+def version_line() -> str:
+    """The package's name and version, as `--version` prints it."""
+    return f"autocontext-jax {__version__}"
+
+
+def configs_help() -> str:
+    """The shipped configs, one line each with the first line of its docstring."""
+    configs = shipped_configs()
+    if not configs:
+        return "No configs/ folder beside this installation: pass the path of your own file."
+    folder = configs[0][0].parent
+    lines = [f"Shipped configs ({folder}):"]
+    for path, summary in configs:
+        relative = os.path.relpath(path) if path.is_relative_to(os.getcwd()) else str(path)
+        lines.append(f"    {relative:<28} {summary}")
+    return "\n".join(lines)
+
+
+def _flag_line(flag: flags.Flag) -> str:
+    boolean = isinstance(flag, flags.BooleanFlag)
+    name = f"--[no]{flag.name}" if boolean else f"--{flag.name}"
+    shown = flag.default not in (None, "") and not (boolean and not flag.default)
+    default = f" (default: {flag.default_as_str})" if shown else ""
+    return textwrap.fill(
+        f"{name}: {flag.help}{default}", 96, initial_indent="  ", subsequent_indent="      "
+    )
+
+
+def command_help(doc: str, defined: Sequence[flags.Flag], takes_config: bool) -> str:
+    """A command's --help: its docstring (with examples), configs and override syntax, flags."""
+    parts = [doc.strip()]
+    if takes_config:
+        parts += [OVERRIDE_HELP, configs_help()]
+    lines = ["Flags:", *(_flag_line(flag) for flag in defined)]
+    if any(flag.name == "platform" for flag in defined):
+        lines.append(
+            "  (--platform is JAX's JAX_PLATFORMS variable: JAX_PLATFORMS=cpu autocontext ... "
+            "does the same)"
+        )
+    lines.append("  --verbosity=0: show library and JAX logs (hidden by default)")
+    lines.append(f"  {VERSION_OPTION}: print the version; --helpfull: every flag, absl's too")
+    parts.append("\n".join(lines))
+    return "\n\n".join(parts) + "\n"
+
+
+def run_command(
+    doc: str,
+    define_flags: Callable[[], None],
+    main: Callable[[list[str]], None],
+    argv: Sequence[str] | None = None,
+    takes_config: bool = False,
+    computes: bool = False,
+) -> None:
+    """Define the command's flags, answer --help and --version (status 0), else run `main`.
+
+    A command that `computes` also takes --platform, applied before `main` touches JAX.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    before = set(flags.FLAGS)
+    define_flags()
+    if computes:
+        flags.DEFINE_enum(
+            "platform",
+            None,
+            PLATFORMS,
+            "Compute on this platform (default: JAX's choice, the best one installed).",
+        )
+    defined = {id(flags.FLAGS[name]): flags.FLAGS[name] for name in flags.FLAGS}
+    defined = [flag for flag in defined.values() if flag.name not in before]
+    options = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    if any(option in HELP_OPTIONS for option in options):
+        print(command_help(doc, defined, takes_config), end="")
+        sys.exit(0)
+    if VERSION_OPTION in options:
+        print(version_line())
+        sys.exit(0)
+
+    def start(remaining: list[str]) -> None:
+        quiet_start_up()
+        if not computes:
+            main(remaining)
+            return
+        use_platform(flags.FLAGS.platform)
+        try:
+            main(remaining)
+        except RuntimeError as error:
+            # JAX raises this at the first device use when the platform has no device.
+            if "Unable to initialize backend" not in str(error):
+                raise
+            fail(f"--platform={flags.FLAGS.platform}", RuntimeError(str(error).splitlines()[0]))
+
+    app.run(start, argv=argv)

@@ -1,16 +1,18 @@
 """Evaluated runs side by side, per organ and level, with paired Wilcoxon p-values.
 
-    python -m autocontext_jax.compare RUN_A RUN_B ... [--metric dice] [--all_levels]
+    autocontext compare RUN_A RUN_B ... [--metric dice] [--all_levels]
 
 Each RUN is a workdir holding eval_cases.json (written at the end of training or by
-`python -m autocontext_jax.evaluate`); the first is the baseline.
+`autocontext evaluate`); the first is the baseline.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from absl import app, flags
 
-from autocontext_jax.cli.common import fail
+from autocontext_jax.cli.common import fail, run_command
 from autocontext_jax.evaluation.compare import (
     ComparisonError,
     compare,
@@ -46,10 +48,9 @@ def main(argv: list[str]) -> None:
     print(comparison_markdown(comparison))
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv)
 
 
 if __name__ == "__main__":

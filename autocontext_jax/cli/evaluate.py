@@ -1,37 +1,91 @@
-"""Evaluate a trained run: `python -m autocontext_jax.evaluate --workdir RUN [--data DIR]`.
+"""Evaluate a trained run, or a folder of predictions against a folder of labels.
 
-Scores the run's newest checkpoint on its held-out cases (or every case of another
-dataset) and writes eval_cases.json and eval_summary.{md,csv,json} into the workdir.
+    autocontext evaluate --workdir runs/default [--data DIR]
+    autocontext evaluate --predictions segs --labels labelsTs [--label_map=totalsegmentator]
+
+With --workdir, scores the run's newest checkpoint on its held-out cases (or every case
+of another dataset) and writes eval_cases.json and eval_summary.{md,csv,json} into the
+workdir. With --predictions and --labels (no run needed), matches CASE.nii.gz to
+CASE.nii.gz and writes Dice, HD95 and NSD per case and class, and their means, to
+PREDICTIONS/summary.json (or --summary).
 """
 
 from __future__ import annotations
 
+import pathlib
+from collections.abc import Sequence
+
 from absl import app, flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging
+from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.labels import LABEL_MAP_PRESETS, NUM_PAPER_CLASSES, parse_label_map
 from autocontext_jax.evaluation.evaluate import evaluate_workdir
+from autocontext_jax.evaluation.folders import SUMMARY_FILE, evaluate_folders, write_summary
 from autocontext_jax.evaluation.reports import summary_markdown
 from autocontext_jax.inference import CheckpointError
+from autocontext_jax.training.checkpointing import DEFAULT_NSD_TOLERANCE_MM
 
 FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
     """Define the command line's flags."""
-    flags.DEFINE_string("workdir", None, "A training workdir.", required=True)
+    flags.DEFINE_string("workdir", None, "A training workdir (or --predictions and --labels).")
+    flags.DEFINE_string("predictions", None, "A folder of label maps, CASE.nii.gz.")
+    flags.DEFINE_string("labels", None, "A folder of reference label maps, CASE.nii.gz.")
+    flags.DEFINE_integer(
+        "num_classes", NUM_PAPER_CLASSES, "Classes of the predictions, background included."
+    )
+    flags.DEFINE_string(
+        "label_map",
+        None,
+        "Ids of the --labels files as classes: ID:CLASS,ID:CLASS,... or "
+        f"{' or '.join(LABEL_MAP_PRESETS)} (default: the ids are the classes).",
+    )
+    flags.DEFINE_string("summary", None, "Where to write summary.json (default: PREDICTIONS/).")
     flags.DEFINE_string(
         "data", None, "Evaluate every case of this dataset instead of the run's held-out cases."
     )
     flags.DEFINE_float(
-        "nsd_tolerance_mm", None, "Surface Dice tolerance in mm (default: the run's config)."
+        "nsd_tolerance_mm",
+        None,
+        f"Surface Dice tolerance in mm (default: the run's config, {DEFAULT_NSD_TOLERANCE_MM:g} "
+        "for folders).",
     )
 
 
+def evaluate_predictions() -> None:
+    """Score --predictions against --labels, print the tables and write summary.json."""
+    if FLAGS.predictions is None or FLAGS.labels is None:
+        raise app.UsageError("--predictions and --labels go together")
+    tolerance = FLAGS.nsd_tolerance_mm
+    if tolerance is None:
+        tolerance = DEFAULT_NSD_TOLERANCE_MM
+    path = pathlib.Path(FLAGS.summary or pathlib.Path(FLAGS.predictions) / SUMMARY_FILE)
+    try:
+        label_map = ()
+        if FLAGS.label_map is not None:
+            label_map = parse_label_map(FLAGS.label_map, FLAGS.num_classes)
+        result = evaluate_folders(
+            FLAGS.predictions, FLAGS.labels, FLAGS.num_classes, label_map, "background", tolerance
+        )
+        write_summary(path, result)
+    except (DatasetError, ValueError) as error:
+        fail("Cannot evaluate", error)
+    print(summary_markdown(result))
+    print(f"Wrote {path}")
+
+
 def main(argv: list[str]) -> None:
-    """Evaluate a finished (or running) training workdir."""
+    """Evaluate a finished (or running) training workdir, or a folder of predictions."""
     no_arguments(argv)
     quiet_logging()
+    if FLAGS.workdir is None:
+        if FLAGS.predictions is None and FLAGS.labels is None:
+            raise app.UsageError("give --workdir, or --predictions and --labels")
+        evaluate_predictions()
+        return
     try:
         result = evaluate_workdir(FLAGS.workdir, FLAGS.data, FLAGS.nsd_tolerance_mm)
     except (CheckpointError, DatasetError) as error:
@@ -40,10 +94,9 @@ def main(argv: list[str]) -> None:
     print(f"Wrote eval_cases.json and eval_summary.{{md,csv,json}} into {FLAGS.workdir}")
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv, computes=True)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,17 @@
 """Write a synthetic phantom dataset (MSD / nnU-Net layout) and print its dataset.json.
 
-    python -m autocontext_jax.data.phantom --out data/phantom --num_cases 30
+    autocontext phantom --out data/phantom --num_cases 30
 
 Each case is drawn from its own stream of --seed, so the dataset does not depend on --workers.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from absl import app, flags
 
+from autocontext_jax.cli.common import run_command
 from autocontext_jax.phantom import write_phantom_dataset
 
 
@@ -30,10 +33,9 @@ def main(argv: list[str]) -> None:
     print(path)
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv)
 
 
 if __name__ == "__main__":

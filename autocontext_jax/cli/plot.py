@@ -1,4 +1,6 @@
-"""Pictures of a run: `python -m autocontext_jax.plot --workdir RUN [--case ID] [--data DIR]`.
+"""Pictures of a run: slices with every level's prediction, and the training curves.
+
+    autocontext plot --workdir runs/default [--case ID] [--data DIR]
 
 Writes WORKDIR/plots/CASE_axial.png, CASE_coronal.png and training_curves.png. Needs
 matplotlib (`pip install -e ".[plot]"`); training does not.
@@ -6,9 +8,11 @@ matplotlib (`pip install -e ".[plot]"`); training does not.
 
 from __future__ import annotations
 
-from absl import app, flags
+from collections.abc import Sequence
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging
+from absl import flags
+
+from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation.figures import plot_run
 from autocontext_jax.inference import CheckpointError
@@ -35,10 +39,9 @@ def main(argv: list[str]) -> None:
         print(path)
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv, computes=True)
 
 
 if __name__ == "__main__":

@@ -1,35 +1,56 @@
-"""Segment CT scans with a trained run: `python -m autocontext_jax.predict --workdir RUN ...`.
+"""Segment CT scans with a trained run, a file or a folder at a time.
 
-    python -m autocontext_jax.predict --workdir runs/default --input ct.nii.gz --output seg.nii.gz
-    python -m autocontext_jax.predict --workdir runs/default --input scans/ --output segs/
+    autocontext predict --workdir runs/default --input ct.nii.gz --output seg.nii.gz
+    autocontext predict --workdir runs/default --input imagesTs --output segs --labels labelsTs
+    autocontext predict --workdir runs/default --input imagesTs --output segs --continue
+    autocontext predict --workdir runs/totalseg --input ct.nii.gz --output seg.nii.gz \
+        --labels labels_totalsegmentator.nii.gz --label_map=totalsegmentator
 
 Writes uint8 label maps in each input's own geometry (affine, qform/sform codes, voxel
-size), so they overlay the scan in any viewer. With --labels, prints the Dice of every
-case against its reference (read through the run's label map, as in training).
+size), so they overlay the scan in any viewer. Folders go the nnU-Net way:
+`imagesTs/case_0000.nii.gz` is written as `segs/case.nii.gz` and scored against
+`labelsTs/case.nii.gz`. With --labels, each case's Dice is printed as it finishes and
+Dice, HD95 and NSD per case and class, with their means, go to OUTPUT/summary.json
+(NAME_summary.json beside a single output). No output may replace an input.
 """
 
 from __future__ import annotations
 
 import pathlib
-from typing import Any
+from collections.abc import Sequence
 
+import numpy as np
 from absl import app, flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging
+from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.errors import DatasetError
-from autocontext_jax.data.labels import read_labels
-from autocontext_jax.evaluation.evaluate import dice_per_class
-from autocontext_jax.evaluation.reports import dice_table
+from autocontext_jax.data.labels import LABEL_MAP_PRESETS, parse_label_map
+from autocontext_jax.data.nifti import read_scan
+from autocontext_jax.evaluation.folders import (
+    SUMMARY_FILE,
+    folder_result,
+    score_label_file,
+    score_labels,
+    write_summary,
+)
+from autocontext_jax.evaluation.reports import summary_markdown
 from autocontext_jax.inference import (
     WEIGHTINGS,
     CheckpointError,
-    Run,
+    PredictionJob,
     check_options,
+    checkpoint_time,
     default_options,
     load_run,
-    predict_paths,
+    predict_jobs,
 )
-from autocontext_jax.inference.predict import list_inputs
+from autocontext_jax.inference.predict import (
+    check_outputs,
+    list_inputs,
+    predicted_after,
+    reference_files,
+    side_output,
+)
 
 FLAGS = flags.FLAGS
 
@@ -37,8 +58,15 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
     """Define the command line's flags."""
     flags.DEFINE_string("workdir", None, "A training run's folder (config.json, checkpoints/).")
-    flags.DEFINE_string("input", None, "A NIfTI scan, or a folder of them.")
-    flags.DEFINE_string("output", None, "Output .nii.gz file, or folder for a folder input.")
+    flags.DEFINE_string(
+        "input",
+        None,
+        "A scan (NIfTI; with SimpleITK also .nrrd, .mha, .mhd, or a DICOM series folder), or "
+        "a folder of scan files (nnU-Net: CASE_0000.nii.gz).",
+    )
+    flags.DEFINE_string(
+        "output", None, "Output .nii.gz file, or a folder (CASE.nii.gz per case) for a folder."
+    )
     flags.DEFINE_integer("step", None, "Checkpoint step to use (default: the latest).")
     flags.DEFINE_integer("tile_size", None, "Tile edge in voxels (default: 2 x crop size).")
     flags.DEFINE_float("overlap", 0.5, "Fraction of a tile shared with its neighbour.")
@@ -49,49 +77,40 @@ def define_flags() -> None:
         "save_probabilities", False, "Also write NAME_probabilities.npz (float16, scan grid)."
     )
     flags.DEFINE_bool("save_levels", False, "Also write NAME_levelS.nii.gz per coarser level.")
-    flags.DEFINE_string("labels", None, "Reference labels (file or folder): print Dice.")
-
-
-def label_files(
-    input_path: pathlib.Path, output_path: pathlib.Path, labels: pathlib.Path
-) -> dict[pathlib.Path, pathlib.Path]:
-    """The reference label file of every input (same name in a folder), checked to exist."""
-    jobs = list_inputs(input_path, output_path)
-    if input_path.is_dir() and not labels.is_dir():
-        raise DatasetError(f"{labels}: must be a folder when --input is a folder")
-    found = {scan: labels / scan.name if labels.is_dir() else labels for scan, _ in jobs}
-    for path in found.values():
-        if not path.is_file():
-            raise DatasetError(f"{path}: no label file for this case")
-    return found
-
-
-def dice_report(results: list[dict[str, Any]], run: Run) -> str:
-    """Per-case Dice lines and the Avg/Std/Min/Max table of the reports."""
-    names = run.class_names[1:]
-    lines = [
-        f"{r['case']}: "
-        + ", ".join(f"{n} {100 * d:.1f}" for n, d in zip(names, r["dice"], strict=True))
-        for r in results
-    ]
-    table = dice_table(
-        {
-            "case_ids": [r["case"] for r in results],
-            "classes": list(names),
-            "dice": {"final_level": [r["dice"] for r in results]},
-        }
+    flags.DEFINE_string(
+        "labels",
+        None,
+        "Reference labels, a file or a folder of CASE.nii.gz: print each case's Dice and write "
+        "summary.json (Dice, HD95, NSD) beside the outputs.",
     )
-    return "\n".join(lines) + "\n" + table
+    flags.DEFINE_string(
+        "label_map",
+        None,
+        "Ids of the --labels files as model classes: ID:CLASS,ID:CLASS,... or "
+        f"{' or '.join(LABEL_MAP_PRESETS)} (default: the run's data.label_map).",
+    )
+    flags.DEFINE_bool(
+        "continue",
+        False,
+        "Skip the cases whose output exists and is newer than the checkpoint.",
+    )
+
+
+def summary_path(input_path: pathlib.Path, jobs: Sequence[PredictionJob]) -> pathlib.Path:
+    """OUTPUT/summary.json for a folder, NAME_summary.json beside a single output."""
+    if input_path.is_dir():
+        return jobs[0].output.parent / SUMMARY_FILE
+    return side_output(jobs[0].output, "summary", ".json")
 
 
 def main(argv: list[str]) -> None:
-    """Restore the run, segment the inputs, print where the outputs went (and Dice)."""
+    """Restore the run, segment the inputs, print each case as it finishes (and its scores)."""
     no_arguments(argv)
     for name in ("workdir", "input", "output"):
         if FLAGS[name].value is None:
             raise app.UsageError(f"--{name} is required")
     quiet_logging()
-    results = []
+    scores = {}
     try:
         trained = load_run(FLAGS.workdir, FLAGS.step)
         options = default_options(
@@ -103,47 +122,85 @@ def main(argv: list[str]) -> None:
             tiles_per_batch=FLAGS.tiles_per_batch,
         )
         check_options(options, trained.model.num_poolings)
-        input_path, output_path = pathlib.Path(FLAGS.input), pathlib.Path(FLAGS.output)
+        label_map, unmapped = trained.label_map, trained.unmapped_labels
+        if FLAGS.label_map is not None:
+            label_map = parse_label_map(FLAGS.label_map, trained.num_classes)
+            unmapped = "background"
+        tolerance = trained.config.eval.nsd_tolerance_mm
+        input_path = pathlib.Path(FLAGS.input)
+        jobs = list_inputs(input_path, pathlib.Path(FLAGS.output))
         references = {}
         if FLAGS.labels is not None:
-            references = label_files(input_path, output_path, pathlib.Path(FLAGS.labels))
+            references = reference_files(jobs, pathlib.Path(FLAGS.labels))
+        check_outputs(
+            jobs,
+            trained.model.num_levels,
+            FLAGS.save_probabilities,
+            FLAGS.save_levels,
+            protected=list(references.values()),
+        )
+        done = []
+        if FLAGS["continue"].value:
+            written = checkpoint_time(trained)
+            done = [job for job in jobs if predicted_after(job, written)]
         print(f"Step {trained.step} of {FLAGS.workdir}; tiles of {options.tile_size}^3", flush=True)
-        for done in predict_paths(
+        if done:
+            print(f"--continue: {len(done)} of {len(jobs)} cases predicted after step "
+                  f"{trained.step}'s checkpoint, kept as they are", flush=True)  # fmt: skip
+        for job in done:
+            if job.input in references:
+                # The kept output is scored again, so summary.json covers every case.
+                scores[job.case] = score_label_file(
+                    job.output,
+                    references[job.input],
+                    read_scan(job.input).geometry,
+                    trained.num_classes,
+                    label_map,
+                    unmapped,
+                    tolerance,
+                )
+        todo = [job for job in jobs if job not in done]
+        for finished in predict_jobs(
             trained,
-            input_path,
-            output_path,
+            todo,
             options,
             save_probabilities=FLAGS.save_probabilities,
             save_levels=FLAGS.save_levels,
         ):
-            result = {"case": done.case, "output": str(done.output)}
-            if done.input in references:
-                reference = read_labels(
-                    references[done.input],
-                    done.segmentation.geometry,
-                    trained.num_classes,
-                    trained.label_map,
-                    trained.unmapped_labels,
-                    done.input,
-                )
-                result["dice"] = dice_per_class(
-                    done.segmentation.finest, reference, trained.num_classes
-                ).tolist()
-            print(
-                f"{done.output}: {done.segmentation.tiles} tiles in {done.seconds:.1f} s",
-                flush=True,
+            line = (
+                f"{finished.case}: {finished.output}, {finished.segmentation.tiles} tiles in "
+                f"{finished.seconds:.1f} s"
             )
-            results.append(result)
+            if finished.input in references:
+                scores[finished.case] = score_labels(
+                    finished.segmentation.finest,
+                    references[finished.input],
+                    finished.segmentation.geometry,
+                    trained.num_classes,
+                    label_map,
+                    unmapped,
+                    tolerance,
+                )
+                line += f", mean Dice {100 * np.mean(scores[finished.case]['dice']):.1f} %"
+            print(line, flush=True)
+        if references:
+            result = folder_result(
+                [job.case for job in jobs],
+                [scores[job.case] for job in jobs],
+                trained.class_names[1:],
+                tolerance,
+            )
+            path = summary_path(input_path, jobs)
+            write_summary(path, result)
+            print(summary_markdown(result))
+            print(f"Wrote {path}")
     except (CheckpointError, DatasetError, ValueError) as error:
         fail("Error", error)
-    if references:
-        print(dice_report(results, trained))
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv, computes=True)
 
 
 if __name__ == "__main__":

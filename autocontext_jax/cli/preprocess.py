@@ -1,4 +1,6 @@
-"""Preprocess a dataset into its cache: `python -m autocontext_jax.preprocess --config F`.
+"""Preprocess a dataset into its cache, before training.
+
+    autocontext preprocess --config configs/totalseg_example.py
 
 Training does the same on its own when the cache is missing or stale; running it first
 reports bad files before any model is built. The plan comes from the training cases of
@@ -8,11 +10,12 @@ the run's own split (`data.split_seed`), as in training.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging
+from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.cache import cache_dir
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.training.config_checks import ConfigError, validate_config
@@ -49,10 +52,9 @@ def main(argv: list[str]) -> None:
     )
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv, takes_config=True)
 
 
 if __name__ == "__main__":

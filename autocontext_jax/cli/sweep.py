@@ -1,9 +1,11 @@
 """Sweeps: a sweep file expanded into runs, trained here, on a Cloud TPU slice or with SLURM.
 
-    python launch/sweep.py run launch/ablation_cpu.py --runs_dir runs/ablation_cpu
-    python launch/sweep.py run SWEEP --runs_dir R --backend=tpu --tpu_name=NAME --zone=Z
-    python launch/sweep.py run SWEEP --runs_dir R --backend=slurm --slurm_nodes=2 --dry_run
-    python launch/sweep.py report launch/ablation_cpu.py --runs_dir runs/ablation_cpu
+    autocontext sweep run launch/ablation_cpu.py --runs_dir runs/ablation_cpu
+    autocontext sweep run SWEEP --runs_dir R --backend=tpu --tpu_name=NAME --zone=Z
+    autocontext sweep run SWEEP --runs_dir R --backend=slurm --slurm_nodes=2 --dry_run
+    autocontext sweep report launch/ablation_cpu.py --runs_dir runs/ablation_cpu
+
+(`python launch/sweep.py ...` is the same command.)
 
 `run` trains the runs one after another here (then prints the report), or submits each to
 every worker of a TPU VM slice (gcloud ... tpu-vm ssh --worker=all) or as an sbatch job;
@@ -31,6 +33,7 @@ from typing import Any
 
 from absl import app, flags
 
+from autocontext_jax.cli.common import run_command
 from autocontext_jax.config_files import load_python_file
 from autocontext_jax.data.atomic import write_text_atomically
 from autocontext_jax.evaluation import compare
@@ -256,7 +259,7 @@ def _launch(sweep: Sweep, runs: Sequence[SweepRun]) -> int:
 def main(argv: list[str]) -> None:
     """`run SWEEP` launches the sweep's runs; `report SWEEP` prints their gathered table."""
     if len(argv) != 3 or argv[1] not in ("run", "report"):
-        raise app.UsageError("usage: python launch/sweep.py run|report SWEEP_FILE --runs_dir DIR")
+        raise app.UsageError("usage: autocontext sweep run|report SWEEP_FILE --runs_dir DIR")
     if FLAGS.runs_dir is None:
         raise app.UsageError("--runs_dir is required: the folder of the sweep's workdirs")
     try:
@@ -274,10 +277,9 @@ def main(argv: list[str]) -> None:
         sys.exit(f"Sweep {argv[2]}: {error}")
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv)
 
 
 if __name__ == "__main__":

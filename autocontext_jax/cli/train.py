@@ -1,6 +1,10 @@
 """Train and evaluate an auto-context pyramid.
 
-    python -m autocontext_jax.main --config configs/default.py --workdir runs/default
+    autocontext train --config configs/default.py --workdir runs/default
+    autocontext train --config configs/default.py --workdir runs/s3 --config.pyramid.levels=3
+    autocontext train --config configs/paper.py --dry_run   # parameter counts, no training
+
+(`python -m autocontext_jax.main ...` is the same command.)
 
 Trains in the workdir (resuming from its newest checkpoint), then evaluates the held-out
 cases through the same road from scan to labels as `predict`.
@@ -10,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -17,6 +22,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from autocontext_jax.cli.common import run_command
 from autocontext_jax.data.dataset import read_split
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.evaluation.evaluate import evaluate_run, held_out_cases
@@ -33,7 +39,9 @@ FLAGS = flags.FLAGS
 
 def define_flags() -> None:
     """Define the command line's flags."""
-    config_flags.DEFINE_config_file("config", None, "Path to a config file.")
+    config_flags.DEFINE_config_file(
+        "config", None, "Path of a config file (required), e.g. configs/default.py."
+    )
     flags.DEFINE_string("workdir", None, "Folder for checkpoints, logs and results.")
     flags.DEFINE_bool(
         "dry_run", False, "Build the model, print the config and parameter counts, and exit."
@@ -127,10 +135,9 @@ def main(argv: list[str]) -> None:
     train_and_evaluate(config, FLAGS.workdir)
 
 
-def run() -> None:
-    """Entry point of the command."""
-    define_flags()
-    app.run(main)
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv, takes_config=True, computes=True)
 
 
 if __name__ == "__main__":

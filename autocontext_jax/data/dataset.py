@@ -15,6 +15,7 @@ from autocontext_jax.data.atomic import write_json_atomically
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.geometry import Geometry, Scan
 from autocontext_jax.data.labels import read_labels
+from autocontext_jax.data.nifti import case_id as scan_case_id
 from autocontext_jax.data.nifti import read_scan
 
 
@@ -118,7 +119,7 @@ def _checked_cases(
     for image, label in pairs:
         # MSD names a case by its label file (CASE.nii.gz beside CASE_0000.nii.gz); a plain
         # pair by its image, e.g. ct.nii.gz -> "ct".
-        case_id = _case_id(label) if by_label else _case_id(image).removesuffix("_0000")
+        case_id = _case_id(label) if by_label else scan_case_id(image)
         if case_id in seen:
             raise DatasetError(
                 f"{label if by_label else image}: case id {case_id!r} is listed twice in {source}"

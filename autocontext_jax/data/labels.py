@@ -23,6 +23,20 @@ PAPER_CLASS_NAMES: tuple[str, ...] = (
     "pancreas",
 )
 NUM_PAPER_CLASSES = len(PAPER_CLASS_NAMES)
+# TotalSegmentator v2 "total" id -> paper class (../shared/data/totalseg_example/README.md).
+TOTALSEGMENTATOR_TO_PAPER: tuple[tuple[int, int], ...] = (
+    (52, 1),  # aorta -> artery
+    (64, 2),  # portal_vein_and_splenic_vein -> portal vein
+    (5, 3),  # liver
+    (1, 4),  # spleen
+    (6, 5),  # stomach
+    (4, 6),  # gallbladder
+    (7, 7),  # pancreas
+)
+# Label maps known by name (`predict --label_map=totalsegmentator`).
+LABEL_MAP_PRESETS: dict[str, tuple[tuple[int, int], ...]] = {
+    "totalsegmentator": TOTALSEGMENTATOR_TO_PAPER,
+}
 
 
 def class_names(num_classes: int) -> tuple[str, ...]:
@@ -30,6 +44,31 @@ def class_names(num_classes: int) -> tuple[str, ...]:
     if num_classes == NUM_PAPER_CLASSES:
         return PAPER_CLASS_NAMES
     return ("background",) + tuple(f"class_{k}" for k in range(1, num_classes))
+
+
+def parse_label_map(text: str, num_classes: int) -> tuple[tuple[int, int], ...]:
+    """(dataset id, class) pairs from a preset name or `ID:CLASS,ID:CLASS,...`, checked."""
+    text = text.strip()
+    if text.lower() in LABEL_MAP_PRESETS:
+        return LABEL_MAP_PRESETS[text.lower()]
+    pairs = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        source, colon, target = item.partition(":")
+        if not colon or not source.strip().isdigit() or not target.strip().isdigit():
+            raise ValueError(
+                f"label map {text!r}: expected ID:CLASS pairs such as 52:1,5:3 or one of "
+                f"{sorted(LABEL_MAP_PRESETS)}, got {item!r}"
+            )
+        pairs.append((int(source), int(target)))
+    if not pairs:
+        raise ValueError(f"label map {text!r}: no ID:CLASS pair")
+    sources = [source for source, _ in pairs]
+    if len(set(sources)) != len(sources):
+        raise ValueError(f"label map {text!r}: an id is mapped twice")
+    outside = [target for _, target in pairs if target >= num_classes]
+    if outside:
+        raise ValueError(f"label map {text!r}: classes {outside} >= the model's {num_classes}")
+    return tuple(pairs)
 
 
 def remap_labels(
@@ -55,7 +94,8 @@ def remap_labels(
         if high >= num_classes:
             found = sorted(set(np.unique(ids).tolist()) - set(range(num_classes)))
             raise DatasetError(
-                f"{path}: label ids {found} outside the model's classes 0..{num_classes - 1}"
+                f"{path}: label ids {found} outside the model's classes 0..{num_classes - 1} "
+                f"(map other ids with config.data.label_map, or predict --label_map)"
             )
         return ids.astype(np.uint8)
     mapped = {int(source): int(target) for source, target in label_map}

@@ -20,6 +20,8 @@ from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.geometry import Geometry, Scan, canonical_to_original, image_geometry
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
+# nnU-Net names the one CT channel of case CASE `CASE_0000.nii.gz` and its labels `CASE.nii.gz`.
+CHANNEL_SUFFIX = "_0000"
 
 
 def is_nifti_name(path: str | os.PathLike) -> bool:
@@ -34,6 +36,11 @@ def case_name(path: str | os.PathLike) -> str:
         if name.endswith(suffix):
             return name[: -len(suffix)]
     return name
+
+
+def case_id(path: str | os.PathLike) -> str:
+    """The case a scan file holds, as nnU-Net names it: `case_0000.nii.gz` -> `case`."""
+    return case_name(path).removesuffix(CHANNEL_SUFFIX)
 
 
 def read_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
@@ -107,10 +114,15 @@ def _header(geometry: Geometry, dtype: np.dtype, shape: Sequence[int]) -> nib.Ni
     header = nib.Nifti1Header()
     header.set_data_dtype(dtype)
     header.set_data_shape(tuple(shape))
-    qform = geometry.original_affine if geometry.qform is None else geometry.qform
-    sform = geometry.original_affine if geometry.sform is None else geometry.sform
-    header.set_qform(qform, code=geometry.qform_code if geometry.qform is not None else 1)
-    header.set_sform(sform, code=geometry.sform_code if geometry.sform is not None else 1)
+    if geometry.zooms is not None:
+        # Read from a file: its qform and sform exactly, an absent one (code 0) included, so
+        # a viewer that prefers either finds what it found in the scan.
+        header.set_qform(geometry.qform, code=geometry.qform_code)
+        header.set_sform(geometry.sform, code=geometry.sform_code)
+    else:
+        # Rebuilt from a cache, without a header: both forms carry the affine.
+        header.set_qform(geometry.original_affine, code=1)
+        header.set_sform(geometry.original_affine, code=1)
     if geometry.zooms is not None:
         header.set_zooms(geometry.zooms)
     header.set_xyzt_units(*geometry.xyzt_units)

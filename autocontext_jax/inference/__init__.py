@@ -1,8 +1,20 @@
 """From a scan to labels: a trained run, the tiled pyramid, results back on the scan's grid."""
 
-from autocontext_jax.inference.predict import PredictedFile, predict_file, predict_paths
+from autocontext_jax.inference.predict import (
+    PredictedFile,
+    PredictionJob,
+    predict_file,
+    predict_jobs,
+    predict_paths,
+)
 from autocontext_jax.inference.pyramid import count_tiles, predict_pyramid
-from autocontext_jax.inference.run import CheckpointError, Run, default_options, load_run
+from autocontext_jax.inference.run import (
+    CheckpointError,
+    Run,
+    checkpoint_time,
+    default_options,
+    load_run,
+)
 from autocontext_jax.inference.segment import Segmentation, segment
 from autocontext_jax.inference.tiling import WEIGHTINGS, TilingOptions, check_options
 from autocontext_jax.inference.upsample import upsample_to_native
@@ -11,14 +23,17 @@ __all__ = [
     "WEIGHTINGS",
     "CheckpointError",
     "PredictedFile",
+    "PredictionJob",
     "Run",
     "Segmentation",
     "TilingOptions",
     "check_options",
+    "checkpoint_time",
     "count_tiles",
     "default_options",
     "load_run",
     "predict_file",
+    "predict_jobs",
     "predict_paths",
     "predict_pyramid",
     "segment",

@@ -1,34 +1,42 @@
 """Files in, files out: scans segmented with a run and written in their own geometry.
 
-    for result in predict_paths(load_run("runs/default"), "scans/", "segs/"):
+    for result in predict_paths(load_run("runs/default"), "imagesTs/", "segs/"):
         print(result.output, result.seconds)
 
 A scan is read once into voxels and a `Geometry`; the same geometry writes its label
 map (and the optional per-level maps and probabilities), so every output overlays its
-input in any viewer. Every path is checked before any work starts.
+input in any viewer. Folders go the nnU-Net way: `imagesTs/case_0000.nii.gz` is case
+`case`, its output `case.nii.gz` and its reference `labelsTs/case.nii.gz`. Every path is
+checked before any work starts, and no output may land on an input.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import pathlib
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import tqdm
 
 from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.hounsfield import hounsfield_warning
 from autocontext_jax.data.nifti import (
+    NIFTI_SUFFIXES,
     case_name,
     is_nifti_name,
-    read_scan,
     write_label_map,
     write_probabilities,
 )
-from autocontext_jax.inference.run import Run
+from autocontext_jax.data.scans import is_dicom_folder, is_scan_name, read_any_scan, scan_case_id
+from autocontext_jax.inference.run import Run, checkpoint_time
 from autocontext_jax.inference.segment import Segmentation, segment, tiles_of
 from autocontext_jax.inference.tiling import TilingOptions
+
+# A scan that does not look like CT is segmented all the same, with a warning on this logger.
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +79,10 @@ def predict_file(
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
     check_writable(output_path)
     start = time.perf_counter()
-    scan = read_scan(input_path)
+    scan = read_any_scan(input_path)
+    warning = hounsfield_warning(scan.image)
+    if warning:
+        logger.warning("%s %s", input_path, warning)
     with tqdm.tqdm(
         total=tiles_of(run, scan, options),
         desc="tiles",
@@ -100,26 +111,133 @@ def predict_file(
             run.class_names,
         )
     return PredictedFile(
-        case_name(input_path), input_path, output_path, result, time.perf_counter() - start
+        scan_case_id(input_path), input_path, output_path, result, time.perf_counter() - start
     )
 
 
-def list_inputs(
-    input_path: pathlib.Path, output_path: pathlib.Path
-) -> list[tuple[pathlib.Path, pathlib.Path]]:
-    """(scan, output) for a file, or for every NIfTI file of a folder."""
-    if input_path.is_dir():
-        files = sorted(p for p in input_path.iterdir() if is_nifti_name(p) and p.is_file())
-        if not files:
-            raise DatasetError(f"{input_path}: no .nii or .nii.gz file in this folder")
+@dataclasses.dataclass(frozen=True)
+class PredictionJob:
+    """One scan to segment: its case id, the file read and the label map written."""
+
+    case: str
+    input: pathlib.Path
+    output: pathlib.Path
+
+
+def list_inputs(input_path: pathlib.Path, output_path: pathlib.Path) -> list[PredictionJob]:
+    """The job of a scan (a file or a DICOM series folder), or of every scan file of a folder.
+
+    A folder's cases are written as OUTPUT/CASE.nii.gz; a folder holding no scan file is
+    one DICOM series, its case the folder's name.
+    """
+    if input_path.is_dir() and not is_dicom_folder(input_path):
+        files = sorted(p for p in input_path.iterdir() if is_scan_name(p) and p.is_file())
         if output_path.exists() and not output_path.is_dir():
             raise DatasetError(f"{output_path}: must be a folder when --input is a folder")
-        return [(p, output_path / p.name) for p in files]
+        if output_path.resolve() == input_path.resolve():
+            raise DatasetError(
+                f"{output_path}: is the input folder; write the outputs to another folder"
+            )
+        jobs = [
+            PredictionJob(scan_case_id(p), p, output_path / f"{scan_case_id(p)}.nii.gz")
+            for p in files
+        ]
+        cases = [job.case for job in jobs]
+        twice = sorted({case for case in cases if cases.count(case) > 1})
+        if twice:
+            raise DatasetError(f"{input_path}: cases {twice} have more than one scan file")
+        return jobs
     if not input_path.exists():
         raise DatasetError(f"{input_path}: no such file or folder")
-    if output_path.is_dir():
-        output_path = output_path / input_path.name
-    return [(input_path, output_path)]
+    if input_path.is_dir() and output_path.resolve() == input_path.resolve():
+        raise DatasetError(f"{output_path}: is the input folder; write the output elsewhere")
+    # A folder output (existing, or named without .nii.gz for a DICOM folder) gets CASE.nii.gz.
+    if output_path.is_dir() or (input_path.is_dir() and not is_nifti_name(output_path)):
+        output_path = output_path / f"{scan_case_id(input_path)}.nii.gz"
+    return [PredictionJob(scan_case_id(input_path), input_path, output_path)]
+
+
+def outputs_of(
+    job: PredictionJob, num_levels: int, save_probabilities: bool, save_levels: bool
+) -> list[pathlib.Path]:
+    """Every file predicting `job` writes: the label map and the optional extras."""
+    outputs = [job.output]
+    if save_levels:
+        outputs += [side_output(job.output, f"level{s}") for s in range(1, num_levels)]
+    if save_probabilities:
+        outputs.append(side_output(job.output, "probabilities", ".npz"))
+    return outputs
+
+
+def check_outputs(
+    jobs: Sequence[PredictionJob],
+    num_levels: int,
+    save_probabilities: bool = False,
+    save_levels: bool = False,
+    protected: Sequence[pathlib.Path] = (),
+) -> None:
+    """Refuse, before any work, an output that cannot be written or would replace an input.
+
+    An output replaces an input when both resolve to one file (the same path, or a link);
+    `protected` are further files never to write over, such as the reference labels.
+    """
+    inputs = {path.resolve(): path for path in [*(job.input for job in jobs), *protected]}
+    for job in jobs:
+        check_writable(job.output)
+        for output in outputs_of(job, num_levels, save_probabilities, save_levels):
+            if output.resolve() in inputs:
+                raise DatasetError(
+                    f"{output}: would write over the input {inputs[output.resolve()]}; "
+                    f"choose another --output"
+                )
+
+
+def reference_files(
+    jobs: Sequence[PredictionJob], labels: pathlib.Path
+) -> dict[pathlib.Path, pathlib.Path]:
+    """The reference label file of every job's input, checked to exist.
+
+    In a folder, case `case` (from `case_0000.nii.gz`) has `case.nii.gz` (or `.nii`), or
+    failing that a file of the input's own name.
+    """
+    if len(jobs) > 1 and not labels.is_dir():
+        raise DatasetError(f"{labels}: must be a folder when --input is a folder")
+    found = {}
+    for job in jobs:
+        if not labels.is_dir():
+            found[job.input] = labels
+            continue
+        names = [f"{job.case}{suffix}" for suffix in NIFTI_SUFFIXES] + [job.input.name]
+        candidates = [labels / name for name in names if (labels / name).is_file()]
+        if not candidates:
+            raise DatasetError(f"{labels / names[0]}: no label file for case {job.case}")
+        found[job.input] = candidates[0]
+    return found
+
+
+def predicted_after(job: PredictionJob, timestamp: float) -> bool:
+    """Whether the job's output exists and was written after `timestamp` (seconds)."""
+    return job.output.is_file() and job.output.stat().st_mtime > timestamp
+
+
+def predict_jobs(
+    run: Run,
+    jobs: Sequence[PredictionJob],
+    options: TilingOptions,
+    save_probabilities: bool = False,
+    save_levels: bool = False,
+) -> Iterator[PredictedFile]:
+    """Segment the jobs' scans one after another, yielding each as it finishes."""
+    for job in tqdm.tqdm(jobs, desc="cases", disable=len(jobs) < 2):
+        yield predict_file(
+            run,
+            job.input,
+            job.output,
+            options,
+            save_probabilities=save_probabilities,
+            save_levels=save_levels,
+            show_progress=True,
+        )
 
 
 def predict_paths(
@@ -129,21 +247,15 @@ def predict_paths(
     options: TilingOptions,
     save_probabilities: bool = False,
     save_levels: bool = False,
+    skip_done: bool = False,
 ) -> Iterator[PredictedFile]:
     """Segment a scan or a folder of scans, one output per case, as each case finishes.
 
-    Every output path is checked before the first scan is read.
+    Every output path is checked before the first scan is read. With `skip_done`, a case
+    whose output is newer than the run's checkpoint is left as it is (and not yielded).
     """
     jobs = list_inputs(pathlib.Path(input_path), pathlib.Path(output_path))
-    for _, output in jobs:
-        check_writable(output)
-    for scan, output in tqdm.tqdm(jobs, desc="cases", disable=len(jobs) < 2):
-        yield predict_file(
-            run,
-            scan,
-            output,
-            options,
-            save_probabilities=save_probabilities,
-            save_levels=save_levels,
-            show_progress=True,
-        )
+    check_outputs(jobs, run.model.num_levels, save_probabilities, save_levels)
+    if skip_done:
+        jobs = [job for job in jobs if not predicted_after(job, checkpoint_time(run))]
+    yield from predict_jobs(run, jobs, options, save_probabilities, save_levels)

@@ -24,10 +24,14 @@ from autocontext_jax.data.plan import Plan, load_run_plan
 from autocontext_jax.inference.tiling import TilingOptions
 from autocontext_jax.models import AutoContextPyramid, build_pyramid
 from autocontext_jax.training import parallel
-from autocontext_jax.training.checkpointing import CheckpointError, read_run_config
+from autocontext_jax.training.checkpointing import (
+    CHECKPOINTS_DIR,
+    CheckpointError,
+    read_run_config,
+)
 from autocontext_jax.training.state import restore_evaluation_variables
 
-__all__ = ["CheckpointError", "Run", "default_options", "load_run"]
+__all__ = ["CheckpointError", "Run", "checkpoint_time", "default_options", "load_run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,3 +104,9 @@ def default_options(config: ml_collections.ConfigDict, **overrides: Any) -> Tili
 def level_names(run: Run) -> Sequence[str]:
     """`level_1` (coarsest) ... `level_S` (finest): the names reports use for the levels."""
     return [f"level_{s}" for s in range(1, run.model.num_levels + 1)]
+
+
+def checkpoint_time(run: Run) -> float:
+    """When the run's checkpoint was written (seconds since the epoch); 0 when it has none."""
+    folder = run.workdir / CHECKPOINTS_DIR / str(run.step)
+    return folder.stat().st_mtime if folder.is_dir() else 0.0
