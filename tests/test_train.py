@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -257,3 +259,61 @@ def test_a_run_keeps_the_last_checkpoints_and_reports_dice(tiny_phantom, tmp_pat
     assert "| HD95 (mm) | artery |" in table and "| NSD@2mm (%) | artery |" in table
     cases = json.loads((tmp_path / "eval_cases.json").read_text())
     assert cases["dice"] == dice and cases["case_ids"] == result["dice"]["case_ids"]
+
+
+def test_a_diverging_run_stops_before_saving_and_keeps_the_last_finite_checkpoint(
+    tiny_phantom, tmp_path
+):
+    from conftest import make_tiny_config
+
+    config = make_tiny_config(tiny_phantom)
+    config.eval.at_end = False
+    config.train.steps = 12
+    config.train.checkpoint_every = 2
+    config.train.log_every = 10
+    config.train.keep_checkpoints = 3
+    config.train.learning_rate = 1e6  # the tiny model goes non-finite at step 3
+    with pytest.raises(FloatingPointError, match=r"non-finite at step \d+") as caught:
+        train_and_evaluate(config, str(tmp_path))
+    first_bad = int(re.search(r"non-finite at step (\d+)", str(caught.value))[1])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert saved and max(saved) < first_bad
+    assert f"checkpoint of step {max(saved)}" in str(caught.value)
+    step, restored = _params(tmp_path)
+    assert step == max(saved)
+    for leaf in jax.tree.leaves(restored):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def _visible_scalars(events) -> list[tuple[str, int, float]]:
+    """The scalars TensorBoard shows: a session START at step p hides older ones >= p."""
+    scalars = []
+    for event in events:
+        if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+            scalars = [(tag, step, value) for tag, step, value in scalars if step < event.step]
+        scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return scalars
+
+
+def test_a_resumed_run_logs_every_step_once(tiny_phantom, tmp_path):
+    from conftest import make_tiny_config, read_events
+
+    config = make_tiny_config(tiny_phantom)
+    config.eval.at_end = False
+    config.train.log_every = 1
+    config.train.steps = 3
+    train_and_evaluate(config, str(tmp_path))
+    # As if killed after logging step 3, before its checkpoint was committed.
+    shutil.rmtree(tmp_path / "checkpoints" / "3")
+    config.train.steps = 4
+    train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    losses = [
+        (s, v)
+        for (tag, s, v) in _visible_scalars(read_events(tmp_path / "tensorboard"))
+        if tag == "loss/total"
+    ]
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    for (_, value), record in zip(losses, records, strict=True):
+        assert value == pytest.approx(record["loss"])
