@@ -14,8 +14,9 @@ import pytest
 
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data.device_augment import augment_intensity
+from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, parallel
+from autocontext_jax.training import checkpointing, loop, parallel
 from autocontext_jax.training.config_checks import ConfigError, validate_config
 from autocontext_jax.training.state import (
     create_train_state,
@@ -317,3 +318,23 @@ def test_a_resumed_run_logs_every_step_once(tiny_phantom, tmp_path):
     assert [s for s, _ in losses] == [1, 2, 3, 4]
     for (_, value), record in zip(losses, records, strict=True):
         assert value == pytest.approx(record["loss"])
+
+
+def test_the_phantom_is_generated_only_into_the_default_folder_or_when_asked(tmp_path, monkeypatch):
+    from conftest import load_config, make_tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    config = make_tiny_config("data/phantm")  # a typo of the default folder
+    config.data.phantom_cases = 1
+    with pytest.raises(DatasetError, match=r"data/phantm: config\.data\.dir does not exist"):
+        loop.ensure_dataset(config.data)
+    assert not (tmp_path / "data").exists()
+
+    config.data.dir = load_config("default").data.dir
+    loop.ensure_dataset(config.data)
+    assert len(list((tmp_path / "data" / "phantom" / "labelsTr").iterdir())) == 1
+
+    config.data.dir = "elsewhere"
+    config.data.generate_phantom = True
+    loop.ensure_dataset(config.data)
+    assert len(list((tmp_path / "elsewhere" / "labelsTr").iterdir())) == 1

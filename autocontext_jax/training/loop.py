@@ -32,6 +32,9 @@ from autocontext_jax.training.config_checks import validate_config
 from autocontext_jax.training.state import TrainState, make_optimizer, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
 
+# The folder configs/default.py trains on: the phantom is generated there unasked.
+DEFAULT_PHANTOM_DIR = "data/phantom"
+
 
 class DivergedError(FloatingPointError):
     """The train state became non-finite; the run stopped before saving it."""
@@ -78,12 +81,24 @@ def prefetch_to_device(
 
 
 def ensure_dataset(data_config: ml_collections.ConfigDict) -> pathlib.Path:
-    """The dataset folder; generates the phantom there when it is missing or empty."""
+    """The dataset folder; generates the phantom there when it is missing or empty and may.
+
+    The phantom goes only into DEFAULT_PHANTOM_DIR or where `data.generate_phantom` asks
+    for it; any other missing folder is a DatasetError naming it.
+    """
     data_dir = pathlib.Path(data_config.dir)
-    empty = not data_dir.exists() or not any(data_dir.iterdir())
-    if empty and data_config.phantom_cases > 0:
+    empty = not data_dir.exists() or (data_dir.is_dir() and not any(data_dir.iterdir()))
+    wanted = data_config.get("generate_phantom", False) or (
+        data_dir.absolute() == pathlib.Path(DEFAULT_PHANTOM_DIR).absolute()
+    )
+    if empty and wanted and data_config.phantom_cases > 0:
         _say(f"Generating {data_config.phantom_cases} phantom cases in {data_dir}")
         phantom.write_phantom_dataset(data_dir, data_config.phantom_cases, seed=0, workers=2)
+    elif not data_dir.exists():
+        raise DatasetError(
+            f"{data_dir}: config.data.dir does not exist (the phantom is generated only into "
+            f"{DEFAULT_PHANTOM_DIR} or with config.data.generate_phantom=True)"
+        )
     return data_dir
 
 
