@@ -33,7 +33,10 @@ def get_config() -> ml_collections.ConfigDict:
     config.data.target_spacing = ()
     config.data.image_interpolation_order = 1
     config.data.label_interpolation = "linear_argmax"
-    # When `dir` is missing or empty, generate this many phantom cases there (0: never).
+    # When `dir` is missing or empty, generate `phantom_cases` phantom cases there: always
+    # into this default folder, data/phantom; into any other folder only when
+    # `generate_phantom` is True, so a misspelt `dir` is an error rather than a phantom.
+    config.data.generate_phantom = False
     config.data.phantom_cases = 30
     config.data.num_val_cases = 6
     # Seed of the held-out split, apart from `seed`, so runs of several seeds share one split.

@@ -15,6 +15,7 @@ CONFIG = "configs/default.py"
 
 _SMALL_AND_SHORT = {
     "data.dir": "data/phantom_ablation_cpu",
+    "data.generate_phantom": True,
     "data.phantom_cases": 20,
     "data.num_val_cases": 8,
     "data.crop_size": 24,

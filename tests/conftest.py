@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import pathlib
+import struct
 
 import ml_collections
 import pytest
+from tensorboardX.proto import event_pb2
 
 from autocontext_jax import phantom
 from autocontext_jax.config_files import load_config_file
@@ -51,3 +53,17 @@ def tiny_phantom(tmp_path_factory) -> pathlib.Path:
         out, 5, seed=3, shape=TINY_PHANTOM_SHAPE, spacing=TINY_PHANTOM_SPACING
     )
     return out
+
+
+def read_events(folder: pathlib.Path) -> list:
+    """Every TensorBoard event in the event files of `folder` (TFRecord framing)."""
+    events = []
+    for path in sorted(folder.glob("events.out.tfevents.*")):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset : offset + 8])
+            payload = data[offset + 12 : offset + 12 + length]
+            events.append(event_pb2.Event.FromString(payload))
+            offset += 12 + length + 4
+    return events

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -15,7 +16,7 @@ from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.geometry import preprocessed_affine
 from autocontext_jax.data.labels import remap_labels
-from autocontext_jax.data.nifti import scan_from_image
+from autocontext_jax.data.nifti import read_scan, scan_from_image
 from autocontext_jax.data.plan import Plan
 from autocontext_jax.data.resample import resample_labels
 from autocontext_jax.evaluation.evaluate import evaluate_cases
@@ -319,3 +320,15 @@ def test_bad_data_fields_are_refused_by_name(field, value):
     config.data[field] = value
     with pytest.raises(ConfigError, match=f"config.data.{field}="):
         validate_config(config, 1)
+
+
+def test_a_header_claiming_huge_voxels_is_named_before_resampling(tmp_path):
+    path = tmp_path / "ct.nii.gz"
+    # 32 voxels of 50 mm per axis at the plan's 1 mm: 1600^3 voxels, 16 GiB as float32.
+    nib.save(nib.Nifti1Image(np.zeros((32, 32, 32), np.float32), np.diag([50.0] * 3 + [1])), path)
+    plan = Plan((1.0, 1.0, 1.0), (-1000.0, 1000.0), 0.0, 1.0, -1000.0)
+    scan = read_scan(path)
+    with pytest.raises(DatasetError, match=rf"^{re.escape(str(path))}: .* over the limit"):
+        preprocess.preprocess_scan(scan, plan)
+    with pytest.raises(DatasetError, match=re.escape(str(path))):
+        preprocess.planned_grid(scan, plan)

@@ -1,14 +1,13 @@
 """What a finished run leaves: reports, TensorBoard events, and the evaluate and plot commands."""
 
 import json
-import struct
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+from conftest import read_events
 from PIL import Image
-from tensorboardX.proto import event_pb2
 
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.evaluation.evaluate import evaluate_workdir
@@ -60,20 +59,6 @@ def test_the_command_names_a_workdir_without_a_run(tmp_path):
     result = _evaluate("--workdir", str(tmp_path))
     assert result.returncode != 0
     assert f"{tmp_path / 'config.json'}: no config.json" in result.stderr
-
-
-def read_events(folder):
-    """Every TensorBoard event in the event files of `folder` (TFRecord framing)."""
-    events = []
-    for path in sorted(folder.glob("events.out.tfevents.*")):
-        data = path.read_bytes()
-        offset = 0
-        while offset < len(data):
-            (length,) = struct.unpack("<Q", data[offset : offset + 8])
-            payload = data[offset + 12 : offset + 12 + length]
-            events.append(event_pb2.Event.FromString(payload))
-            offset += 12 + length + 4
-    return events
 
 
 def _scalars(events):

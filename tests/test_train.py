@@ -3,6 +3,8 @@
 import json
 import os
 import pathlib
+import re
+import shutil
 import subprocess
 import sys
 
@@ -12,9 +14,14 @@ import pytest
 
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data.device_augment import augment_intensity
+from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, parallel
-from autocontext_jax.training.config_checks import ConfigError, validate_config
+from autocontext_jax.training import checkpointing, loop, parallel
+from autocontext_jax.training.config_checks import (
+    ConfigError,
+    fit_to_run_length,
+    validate_config,
+)
 from autocontext_jax.training.state import (
     create_train_state,
     ema_update,
@@ -130,6 +137,15 @@ def test_intensity_augmentation_is_off_at_probability_zero_and_random_otherwise(
         ("train.batch_size", 3, 2),
         ("loss.name", "focal", 1),
         ("model.compute_dtype", "float16", 1),
+        ("train.learning_rate", float("inf"), 1),
+        ("train.learning_rate", float("nan"), 1),
+        ("train.final_lr_fraction", -1.0, 1),
+        ("train.final_lr_fraction", 1.5, 1),
+        ("data.intensity_clip", (1000.0, -1000.0), 1),
+        ("augment.probability", 1.5, 1),
+        ("augment.elastic_probability", -0.1, 1),
+        ("eval.nsd_tolerance_mm", -2.0, 1),
+        ("eval.nsd_tolerance_mm", 0.0, 1),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(tiny_config, field, value, devices):
@@ -257,3 +273,161 @@ def test_a_run_keeps_the_last_checkpoints_and_reports_dice(tiny_phantom, tmp_pat
     assert "| HD95 (mm) | artery |" in table and "| NSD@2mm (%) | artery |" in table
     cases = json.loads((tmp_path / "eval_cases.json").read_text())
     assert cases["dice"] == dice and cases["case_ids"] == result["dice"]["case_ids"]
+
+
+def test_a_diverging_run_stops_before_saving_and_keeps_the_last_finite_checkpoint(
+    tiny_phantom, tmp_path
+):
+    from conftest import make_tiny_config
+
+    config = make_tiny_config(tiny_phantom)
+    config.eval.at_end = False
+    config.train.steps = 12
+    config.train.checkpoint_every = 2
+    config.train.log_every = 10
+    config.train.keep_checkpoints = 3
+    config.train.learning_rate = 1e6  # the tiny model goes non-finite at step 3
+    with pytest.raises(FloatingPointError, match=r"non-finite at step \d+") as caught:
+        train_and_evaluate(config, str(tmp_path))
+    first_bad = int(re.search(r"non-finite at step (\d+)", str(caught.value))[1])
+    saved = sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir())
+    assert saved and max(saved) < first_bad
+    assert f"checkpoint of step {max(saved)}" in str(caught.value)
+    step, restored = _params(tmp_path)
+    assert step == max(saved)
+    for leaf in jax.tree.leaves(restored):
+        assert np.all(np.isfinite(np.asarray(leaf)))
+
+
+def _visible_scalars(events) -> list[tuple[str, int, float]]:
+    """The scalars TensorBoard shows: a session START at step p hides older ones >= p."""
+    scalars = []
+    for event in events:
+        if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+            scalars = [(tag, step, value) for tag, step, value in scalars if step < event.step]
+        scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value]
+    return scalars
+
+
+def test_a_resumed_run_logs_every_step_once(tiny_phantom, tmp_path):
+    from conftest import make_tiny_config, read_events
+
+    config = make_tiny_config(tiny_phantom)
+    config.eval.at_end = False
+    config.train.log_every = 1
+    config.train.steps = 3
+    train_and_evaluate(config, str(tmp_path))
+    # As if killed after logging step 3, before its checkpoint was committed.
+    shutil.rmtree(tmp_path / "checkpoints" / "3")
+    config.train.steps = 4
+    train_and_evaluate(config, str(tmp_path))
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    losses = [
+        (s, v)
+        for (tag, s, v) in _visible_scalars(read_events(tmp_path / "tensorboard"))
+        if tag == "loss/total"
+    ]
+    assert [s for s, _ in losses] == [1, 2, 3, 4]
+    for (_, value), record in zip(losses, records, strict=True):
+        assert value == pytest.approx(record["loss"])
+
+
+def test_the_phantom_is_generated_only_into_the_default_folder_or_when_asked(tmp_path, monkeypatch):
+    from conftest import load_config, make_tiny_config
+
+    monkeypatch.chdir(tmp_path)
+    config = make_tiny_config("data/phantm")  # a typo of the default folder
+    config.data.phantom_cases = 1
+    with pytest.raises(DatasetError, match=r"data/phantm: config\.data\.dir does not exist"):
+        loop.ensure_dataset(config.data)
+    assert not (tmp_path / "data").exists()
+
+    config.data.dir = load_config("default").data.dir
+    loop.ensure_dataset(config.data)
+    assert len(list((tmp_path / "data" / "phantom" / "labelsTr").iterdir())) == 1
+
+    config.data.dir = "elsewhere"
+    config.data.generate_phantom = True
+    loop.ensure_dataset(config.data)
+    assert len(list((tmp_path / "elsewhere" / "labelsTr").iterdir())) == 1
+
+
+def _command(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS...` from the repository root, output captured."""
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=TESTS.parent, timeout=300)
+
+
+@pytest.mark.parametrize("module", ["autocontext_jax.main", "autocontext_jax.preprocess"])
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--config", "configs/default.py", "--config.train.stepz=3"], 'Did you mean "steps"'),
+        (["--config", "configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+    ],
+)
+def test_flag_errors_are_one_line_without_a_traceback(module, args, expected):
+    result = _command(module, *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr
+
+
+@pytest.mark.parametrize("module", ["autocontext_jax.main", "autocontext_jax.preprocess"])
+def test_help_exits_with_zero(module):
+    result = _command(module, "--help")
+    assert result.returncode == 0, result.stderr
+    assert "--helpfull" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["missing_data_dir", "all_cases_held_out", "changed_shapes"])
+def test_training_setup_errors_are_one_line_without_a_traceback(case, tiny_phantom, tmp_path):
+    from conftest import load_config
+
+    workdir = tmp_path / "run"
+    args = ["--config", "configs/default.py", "--workdir", str(workdir)]
+    if case == "missing_data_dir":
+        args.append(f"--config.data.dir={tmp_path / 'typo'}")
+        expected = f"Bad dataset: {tmp_path / 'typo'}: config.data.dir does not exist"
+    elif case == "all_cases_held_out":
+        args += [f"--config.data.dir={tiny_phantom}", "--config.data.num_val_cases=5"]
+        expected = "Bad dataset: config.data.num_val_cases=5 must leave at least one"
+    else:
+        saved = load_config("default")
+        saved.model.width = 4
+        checkpointing.write_config(workdir, saved)
+        (workdir / checkpointing.CHECKPOINTS_DIR).mkdir()
+        args.append(f"--config.data.dir={tiny_phantom}")
+        expected = "config.model.width: 4 -> 8"
+    result = _command("autocontext_jax.main", *args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert expected in result.stderr
+
+
+def test_a_short_run_fits_its_warmup_and_intervals_and_says_so():
+    from conftest import load_config
+
+    _, notes = fit_to_run_length(load_config("default"))
+    assert notes == []
+    short = load_config("default")
+    short.train.steps = 4
+    fitted, notes = fit_to_run_length(short)
+    assert (fitted.train.warmup_steps, fitted.train.checkpoint_every) == (3, 4)
+    assert fitted.train.log_every == 4 and short.train.warmup_steps == 20  # a copy
+    assert len(notes) == 3 and "config.train.warmup_steps=20" in notes[0]
+    validate_config(fitted, 1)
+    result = _command(
+        "autocontext_jax.main",
+        "--config",
+        "configs/default.py",
+        "--config.train.steps=4",
+        "--dry_run",
+    )
+    assert result.returncode == 0, result.stderr
+    assert "config.train.warmup_steps=20 is not shorter than train.steps=4: using 3" in (
+        result.stdout
+    )

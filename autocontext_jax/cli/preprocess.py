@@ -18,7 +18,11 @@ from ml_collections import config_flags
 from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.cache import cache_dir
 from autocontext_jax.data.errors import DatasetError
-from autocontext_jax.training.config_checks import ConfigError, validate_config
+from autocontext_jax.training.config_checks import (
+    ConfigError,
+    fit_to_run_length,
+    validate_config,
+)
 from autocontext_jax.training.loop import preprocess_dataset
 
 FLAGS = flags.FLAGS
@@ -35,6 +39,8 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
+    # Training would fit a short run's intervals (and say so); the cache does not care.
+    config, _ = fit_to_run_length(config)
     try:
         # The device count only matters to the batch size, which preprocessing ignores.
         validate_config(config, 1)

@@ -22,8 +22,9 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autocontext_jax.cli.common import run_command
+from autocontext_jax.cli.common import fail, quiet_logging, run_command
 from autocontext_jax.data.dataset import read_split
+from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.evaluation.evaluate import evaluate_run, held_out_cases
 from autocontext_jax.evaluation.reports import summary_markdown
@@ -31,8 +32,13 @@ from autocontext_jax.inference import load_run
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import abstract_variables, count_parameters
 from autocontext_jax.training import multihost
-from autocontext_jax.training.config_checks import ConfigError, validate_config
-from autocontext_jax.training.loop import train
+from autocontext_jax.training.checkpointing import CheckpointError
+from autocontext_jax.training.config_checks import (
+    ConfigError,
+    fit_to_run_length,
+    validate_config,
+)
+from autocontext_jax.training.loop import DivergedError, train
 
 FLAGS = flags.FLAGS
 
@@ -110,6 +116,8 @@ def main(argv: list[str]) -> None:
     """Validate the config, then dry-run or train and evaluate."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    # Before the first JAX call: probing for backends logs at INFO.
+    quiet_logging()
     try:
         multihost.initialize(
             FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id, FLAGS.multihost
@@ -119,6 +127,10 @@ def main(argv: list[str]) -> None:
     config = FLAGS.config
     if config is None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
+    config, notes = fit_to_run_length(config)
+    if jax.process_index() == 0:
+        for note in notes:
+            print(note, flush=True)
     try:
         validate_config(config, jax.device_count())
     except ConfigError as error:
@@ -126,13 +138,20 @@ def main(argv: list[str]) -> None:
     if FLAGS.dry_run:
         print(describe_model(config))
         return
-    if not FLAGS["verbosity"].present:
-        # Orbax logs every save at INFO; the progress bar says what the user needs.
-        logging.set_verbosity(logging.WARNING if jax.process_index() == 0 else logging.ERROR)
+    if not FLAGS["verbosity"].present and jax.process_index() != 0:
+        # Orbax logs every save at INFO; the progress bar of process 0 says what is needed.
+        logging.set_verbosity(logging.ERROR)
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required to train, e.g. --workdir runs/default")
     enable_compilation_cache(FLAGS.compilation_cache)
-    train_and_evaluate(config, FLAGS.workdir)
+    try:
+        train_and_evaluate(config, FLAGS.workdir)
+    except DatasetError as error:
+        fail("Bad dataset", error)
+    except CheckpointError as error:
+        fail("Bad workdir", error)
+    except DivergedError as error:
+        fail("Training stopped", error)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

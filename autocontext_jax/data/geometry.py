@@ -154,3 +154,4 @@ class Scan:
 
     image: np.ndarray  # (X, Y, Z), canonical (RAS+) voxel order
     geometry: Geometry
+    source: str = ""  # the file it was read from, for messages ("" when not from a file)

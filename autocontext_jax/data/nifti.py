@@ -87,7 +87,7 @@ def scan_from_image(image: nib.Nifti1Image, path: str | os.PathLike = "<image>")
     """The scan of an opened NIfTI image: HU voxels in RAS+ order and the image's geometry."""
     image = checked_3d(image, path)
     geometry = image_geometry(image, nib.as_closest_canonical(image))
-    return Scan(finite_hu(canonical_voxels(image, path), path), geometry)
+    return Scan(finite_hu(canonical_voxels(image, path), path), geometry, source=str(path))
 
 
 def read_scan(path: str | os.PathLike) -> Scan:

@@ -8,6 +8,7 @@ preprocessed grid back onto the scan's own grid.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import ml_collections
 import numpy as np
@@ -18,6 +19,26 @@ from autocontext_jax.data.geometry import Geometry, Scan, canonical_to_original,
 from autocontext_jax.data.plan import Plan
 from autocontext_jax.data.resample import resample_image, resample_labels
 
+# The most voxels a scan's resampled grid may have: 2^30 (4 GiB as float32; a 512 x 512
+# x 1000-slice CT at its own spacing has a quarter of it). More means a header whose voxel
+# size is wrong (50 mm claimed for 0.8 mm), and resampling would exhaust the memory.
+MAX_PREPROCESSED_VOXELS = 2**30
+
+
+def planned_grid(scan: Scan, plan: Plan) -> tuple[tuple[int, int, int], tuple[float, ...]]:
+    """The (shape, spacing) of `scan` on the plan's grid; a DatasetError past the limit."""
+    shape, spacing = target_grid(scan.image.shape, scan.geometry.spacing, plan.target_spacing)
+    voxels = math.prod(shape)
+    if voxels > MAX_PREPROCESSED_VOXELS:
+        raise DatasetError(
+            f"{scan.source or 'the scan'}: its {tuple(scan.image.shape)} voxels of "
+            f"{tuple(round(s, 3) for s in scan.geometry.spacing)} mm would resample to "
+            f"{shape} = {voxels:,} voxels at the plan's {tuple(plan.target_spacing)} mm, "
+            f"over the limit of {MAX_PREPROCESSED_VOXELS:,}; is the voxel size in its "
+            f"header right?"
+        )
+    return shape, spacing
+
 
 def preprocess_scan(scan: Scan, plan: Plan) -> tuple[np.ndarray, Geometry]:
     """The exact transform training applies to an image: its model-ready array and geometry.
@@ -27,7 +48,7 @@ def preprocess_scan(scan: Scan, plan: Plan) -> tuple[np.ndarray, Geometry]:
     array and the scan's `Geometry` with the preprocessed grid filled in.
     """
     geometry = scan.geometry
-    new_shape, new_spacing = target_grid(scan.image.shape, geometry.spacing, plan.target_spacing)
+    new_shape, new_spacing = planned_grid(scan, plan)
     image = plan.normalize(resample_image(scan.image, new_shape, plan.image_order))
     return image, dataclasses.replace(
         geometry, preprocessed_shape=new_shape, preprocessed_spacing=new_spacing
@@ -57,7 +78,7 @@ def preprocess_case(
 ) -> tuple[np.ndarray, np.ndarray, Geometry]:
     """The normalised image, remapped labels and geometry of a case on the plan's grid."""
     case = load_run_case(files, data_config, num_classes)
-    image, geometry = preprocess_scan(case.scan, plan)
+    image, geometry = preprocess_scan(dataclasses.replace(case.scan, source=str(files.image)), plan)
     label = resample_labels(case.label, geometry.preprocessed_shape, plan.label_interpolation)
     if not label.any():
         raise DatasetError(f"{files.label}: the label map has no foreground voxel")

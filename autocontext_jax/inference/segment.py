@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from autocontext_jax.data.geometry import Geometry, Scan, target_grid
-from autocontext_jax.data.preprocess import preprocess_scan
+from autocontext_jax.data.geometry import Geometry, Scan
+from autocontext_jax.data.preprocess import planned_grid, preprocess_scan
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.inference.pyramid import count_tiles, predict_pyramid
 from autocontext_jax.inference.run import Run, default_options
@@ -85,5 +85,5 @@ def segment(
 def tiles_of(run: Run, scan: Scan, options: TilingOptions | None = None) -> int:
     """How many tiles `segment` evaluates for `scan` (for a progress bar)."""
     options = options or default_options(run.config)
-    shape, _ = target_grid(scan.image.shape, scan.geometry.spacing, run.plan.target_spacing)
+    shape, _ = planned_grid(scan, run.plan)
     return count_tiles(run.model, shape, options)

@@ -168,7 +168,7 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
             if section in saved and saved[section].get(name) != config[section][name]
         ]
         if changed:
-            raise ValueError(
+            raise CheckpointError(
                 f"{path}: the run in this workdir has other model shapes; start a new "
                 f"workdir or keep these fields: " + "; ".join(changed)
             )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import ml_collections
 
 from autocontext_jax.models import COMPUTE_DTYPES
@@ -15,6 +17,13 @@ CENTRE_SAMPLING = ("foreground", "class_balanced")
 NORMALIZATIONS = ("window", "foreground_zscore")
 LABEL_INTERPOLATIONS = ("linear_argmax", "nearest")
 UNMAPPED_LABELS = ("background", "error")
+AUGMENT_PROBABILITIES = (
+    "probability",
+    "rotation_probability",
+    "scale_probability",
+    "translation_probability",
+    "elastic_probability",
+)
 
 
 class ConfigError(ValueError):
@@ -24,6 +33,36 @@ class ConfigError(ValueError):
 def _require(condition: bool, field: str, value: object, why: str) -> None:
     if not condition:
         raise ConfigError(f"config.{field}={value!r}: {why}")
+
+
+def fit_to_run_length(
+    config: ml_collections.ConfigDict,
+) -> tuple[ml_collections.ConfigDict, list[str]]:
+    """A copy of `config` whose warm-up and intervals fit in train.steps, and a line per change.
+
+    A short run (`--config.train.steps=4` on the default config) should just train: a
+    warm-up that is not shorter than the run is capped to train.steps - 1, and checkpoint
+    or log intervals longer than the run become train.steps (the last step is saved and
+    logged anyway).
+    """
+    config = config.copy_and_resolve_references()
+    train, notes = config.train, []
+    steps = train.steps
+    if not isinstance(steps, int) or steps < 1:
+        return config, notes  # validate_config names the field
+    if train.schedule != "constant" and train.warmup_steps >= steps:
+        notes.append(
+            f"config.train.warmup_steps={train.warmup_steps} is not shorter than "
+            f"train.steps={steps}: using {steps - 1}"
+        )
+        train.warmup_steps = steps - 1
+    for name in ("checkpoint_every", "log_every"):
+        if train[name] > steps:
+            notes.append(
+                f"config.train.{name}={train[name]} exceeds train.steps={steps}: using {steps}"
+            )
+            train[name] = steps
+    return config, notes
 
 
 def validate_config(config: ml_collections.ConfigDict, device_count: int) -> None:
@@ -66,7 +105,18 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         train.batch_size,
         f"must be divisible by the number of devices ({device_count})",
     )
-    _require(train.learning_rate > 0, "train.learning_rate", train.learning_rate, "must be > 0")
+    _require(
+        math.isfinite(train.learning_rate) and train.learning_rate > 0,
+        "train.learning_rate",
+        train.learning_rate,
+        "must be finite and > 0",
+    )
+    _require(
+        0 <= train.final_lr_fraction <= 1,
+        "train.final_lr_fraction",
+        train.final_lr_fraction,
+        "must be in [0, 1]",
+    )
     _require(train.schedule in SCHEDULES, "train.schedule", train.schedule, f"one of {SCHEDULES}")
     _require(
         0 <= train.warmup_steps < train.steps or train.schedule == "constant",
@@ -97,6 +147,23 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     )
     _require(data.worker_count >= 0, "data.worker_count", data.worker_count, "must be >= 0")
     _require(data.intensity_std > 0, "data.intensity_std", data.intensity_std, "must be > 0")
+    clip = tuple(data.intensity_clip)
+    _require(
+        len(clip) == 2 and all(math.isfinite(v) for v in clip) and clip[0] < clip[1],
+        "data.intensity_clip",
+        data.intensity_clip,
+        "must be (low, high) in HU with low < high",
+    )
+    for name in AUGMENT_PROBABILITIES:
+        value = config.augment[name]
+        _require(0 <= value <= 1, f"augment.{name}", value, "must be a probability in [0, 1]")
+    tolerance = config.eval.nsd_tolerance_mm
+    _require(
+        math.isfinite(tolerance) and tolerance > 0,
+        "eval.nsd_tolerance_mm",
+        tolerance,
+        "must be a distance > 0 in mm",
+    )
     _check_preprocessing(data, model.num_classes)
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import collections
 import itertools
-import math
 import pathlib
 import time
 from collections.abc import Callable, Iterator
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
@@ -32,6 +32,37 @@ from autocontext_jax.training.config_checks import validate_config
 from autocontext_jax.training.state import TrainState, make_optimizer, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
 
+# The folder configs/default.py trains on: the phantom is generated there unasked.
+DEFAULT_PHANTOM_DIR = "data/phantom"
+
+
+class DivergedError(FloatingPointError):
+    """The train state became non-finite; the run stopped before saving it."""
+
+
+@jax.jit
+def _track_first_bad_step(first_bad: jax.Array, finite: jax.Array, step: int) -> jax.Array:
+    # Stays on the device and runs asynchronously: the host reads it only where it waits
+    # anyway (before a save, at a log step), yet learns the exact step that went bad.
+    return jnp.where((first_bad < 0) & ~finite, step, first_bad)
+
+
+def _stop_if_diverged(first_bad: jax.Array, step: int, manager: ocp.CheckpointManager) -> None:
+    """Raise DivergedError, naming the first non-finite step, if any step so far was one."""
+    bad = int(first_bad)
+    if bad < 0:
+        return
+    kept = manager.latest_step()
+    where = (
+        f"the checkpoint of step {kept} in {manager.directory} is the last finite state"
+        if kept is not None
+        else "no checkpoint was saved"
+    )
+    raise DivergedError(
+        f"the loss, gradients or parameters became non-finite at step {bad}; stopped at "
+        f"step {step} without saving; {where} (try a smaller train.learning_rate)"
+    )
+
 
 def prefetch_to_device(
     batches: Iterator[dict[str, np.ndarray]], sharding: jax.sharding.NamedSharding, size: int = 2
@@ -50,12 +81,24 @@ def prefetch_to_device(
 
 
 def ensure_dataset(data_config: ml_collections.ConfigDict) -> pathlib.Path:
-    """The dataset folder; generates the phantom there when it is missing or empty."""
+    """The dataset folder; generates the phantom there when it is missing or empty and may.
+
+    The phantom goes only into DEFAULT_PHANTOM_DIR or where `data.generate_phantom` asks
+    for it; any other missing folder is a DatasetError naming it.
+    """
     data_dir = pathlib.Path(data_config.dir)
-    empty = not data_dir.exists() or not any(data_dir.iterdir())
-    if empty and data_config.phantom_cases > 0:
+    empty = not data_dir.exists() or (data_dir.is_dir() and not any(data_dir.iterdir()))
+    wanted = data_config.get("generate_phantom", False) or (
+        data_dir.absolute() == pathlib.Path(DEFAULT_PHANTOM_DIR).absolute()
+    )
+    if empty and wanted and data_config.phantom_cases > 0:
         _say(f"Generating {data_config.phantom_cases} phantom cases in {data_dir}")
         phantom.write_phantom_dataset(data_dir, data_config.phantom_cases, seed=0, workers=2)
+    elif not data_dir.exists():
+        raise DatasetError(
+            f"{data_dir}: config.data.dir does not exist (the phantom is generated only into "
+            f"{DEFAULT_PHANTOM_DIR} or with config.data.generate_phantom=True)"
+        )
     return data_dir
 
 
@@ -150,28 +193,36 @@ def train_loop(
         disable=jax.process_index() != 0,
         dynamic_ncols=True,
     )
-    writer = logs.MetricWriter(workdir)
+    writer = logs.MetricWriter(workdir, start_step=start_step)
     last_time, last_step = time.perf_counter(), start_step
-    for step in range(start_step + 1, config.train.steps + 1):
-        state, metrics = train_step(state, next(batches), rng)
-        if step % config.train.checkpoint_every == 0:
-            manager.save(step, args=save_args(state, step))
-        progress.update(1)
-        if step % config.train.log_every == 0 or step == config.train.steps:
-            # The only host synchronisation of the loop.
-            values = {name: float(value) for name, value in jax.device_get(metrics).items()}
-            if not math.isfinite(values["loss"]):
-                raise FloatingPointError(f"loss is {values['loss']} at step {step}; stopping")
-            now = time.perf_counter()
-            values["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
-            last_time, last_step = now, step
-            progress.set_postfix(_progress_postfix(values))
-            writer.write_scalars(step, values)
-    progress.close()
-    writer.close()
-    if manager.latest_step() != int(state.step):
-        manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
-    manager.wait_until_finished()
+    first_bad = np.int32(-1)
+    try:
+        for step in range(start_step + 1, config.train.steps + 1):
+            state, metrics = train_step(state, next(batches), rng)
+            first_bad = _track_first_bad_step(first_bad, metrics.pop("finite"), step)
+            if step % config.train.checkpoint_every == 0:
+                # The save waits for the state anyway; only finite states are saved, so
+                # the checkpoints it rotates out are never traded for a bad one.
+                _stop_if_diverged(first_bad, step, manager)
+                manager.save(step, args=save_args(state, step))
+            progress.update(1)
+            if step % config.train.log_every == 0 or step == config.train.steps:
+                # The only host synchronisation of the loop besides the saves.
+                _stop_if_diverged(first_bad, step, manager)
+                values = {name: float(value) for name, value in jax.device_get(metrics).items()}
+                now = time.perf_counter()
+                values["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
+                last_time, last_step = now, step
+                progress.set_postfix(_progress_postfix(values))
+                writer.write_scalars(step, values)
+        _stop_if_diverged(first_bad, int(state.step), manager)
+        if manager.latest_step() != int(state.step):
+            manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
+    finally:
+        progress.close()
+        writer.close()
+        # A save in flight holds a finite state: let it commit, whatever stopped the loop.
+        manager.wait_until_finished()
     return state
 
 
@@ -221,8 +272,10 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     batches = prefetch_to_device(host_batches, parallel.batch_sharded(mesh))
     train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     rng = parallel.replicated_key(config.seed + 1, mesh)
-    state = train_loop(
-        config, workdir, state, train_step, batches, manager, rng, host_batches.state_at
-    )
-    manager.close()
+    try:
+        state = train_loop(
+            config, workdir, state, train_step, batches, manager, rng, host_batches.state_at
+        )
+    finally:
+        manager.close()
     return int(state.step)

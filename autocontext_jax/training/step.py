@@ -20,6 +20,12 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 
+def all_finite(*trees) -> jax.Array:
+    """A scalar bool: whether every element of every array in `trees` is finite."""
+    leaves = jax.tree.leaves(trees)
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
+
+
 def make_train_step(
     model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
@@ -70,6 +76,8 @@ def make_train_step(
             ema_params=ema_update(state.ema_params, params, state.step, config.train.ema_decay),
         )
         metrics = {
+            # One device-side flag, read by the loop only where it synchronises anyway.
+            "finite": all_finite(loss, grads, params, batch_stats),
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
