@@ -1,6 +1,7 @@
 """Predicting from a trained run: checkpoints in, NIfTI out in the input's own geometry."""
 
 import json
+import locale
 import logging
 import pathlib
 import subprocess
@@ -472,6 +473,16 @@ def test_an_input_without_a_qform_gives_an_output_without_one(tmp_path):
 
 def _dicom_series(folder):
     """A CT-like series written slice by slice as DICOM, oblique and anisotropic; its image."""
+    # SimpleITK's DICOM writer (GDCM) sets the process locale to C, which would make every
+    # later subprocess of the suite decode its output as ASCII: put it back.
+    saved = locale.setlocale(locale.LC_ALL)
+    try:
+        return _write_dicom_series(folder)
+    finally:
+        locale.setlocale(locale.LC_ALL, saved)
+
+
+def _write_dicom_series(folder):
     data = np.full((19, 40, 33), 20, np.int16)  # ITK array order: (z, y, x)
     data[3:11, 22:28, 4:14] = MARKER_HU
     image = sitk.GetImageFromArray(data)
