@@ -29,15 +29,26 @@ class TrainState:
     ema_params: Any
 
 
-def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The learning-rate schedule named by `train.schedule`."""
+def make_schedule(
+    train_config: ml_collections.ConfigDict, steps: int | None = None
+) -> optax.Schedule:
+    """The learning-rate schedule named by `train.schedule`, over `steps` (default train.steps).
+
+    A `steps` shorter than the warm-up (a phase of a separately trained pyramid) warms up
+    for all but its last step.
+    """
     if train_config.schedule == "constant":
         return optax.constant_schedule(train_config.learning_rate)
+    warmup_steps = train_config.warmup_steps
+    if steps is None:
+        steps = train_config.steps
+    else:
+        warmup_steps = min(warmup_steps, max(steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=train_config.learning_rate,
-        warmup_steps=train_config.warmup_steps,
-        decay_steps=train_config.steps,
+        warmup_steps=warmup_steps,
+        decay_steps=max(steps, 1),
         end_value=train_config.learning_rate * train_config.final_lr_fraction,
     )
 
