@@ -17,6 +17,7 @@ from types import ModuleType
 from autocontext_jax.cli import (
     check,
     compare,
+    diagnose,
     evaluate,
     phantom,
     plot,
@@ -35,6 +36,7 @@ COMMANDS: dict[str, ModuleType] = {
     "train": train,
     "predict": predict,
     "evaluate": evaluate,
+    "diagnose": diagnose,
     "plot": plot,
     "compare": compare,
     "sweep": sweep,

@@ -124,14 +124,16 @@ def restore_evaluation_variables(
     train_config: ml_collections.ConfigDict,
     sharding: jax.sharding.Sharding,
     step: int | None = None,
+    live: bool = False,
 ) -> tuple[dict[str, Any], int]:
     """(variables, step): what `evaluation_variables` gives, read from a run's checkpoint.
 
-    Only the parameters it evaluates (the average when train.ema_decay > 0) and the
-    BatchNorm statistics are read, into the shapes of `model`.
+    Only the parameters it evaluates (the average when train.ema_decay > 0; the last
+    parameters, which the train step uses, when `live`) and the BatchNorm statistics are
+    read, into the shapes of `model`.
     """
     abstract = abstract_variables(model)
-    params_field = "ema_params" if train_config.ema_decay > 0 else "params"
+    params_field = "ema_params" if train_config.ema_decay > 0 and not live else "params"
     target = {params_field: abstract["params"], "batch_stats": abstract["batch_stats"]}
     target = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), target
