@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from autocontext_jax.cli import (
+    ablation,
     check,
     compare,
     diagnose,
@@ -40,6 +41,7 @@ COMMANDS: dict[str, ModuleType] = {
     "plot": plot,
     "compare": compare,
     "sweep": sweep,
+    "ablation": ablation,
     "check": check,
 }
 
