@@ -74,8 +74,13 @@ def get_config() -> ml_collections.ConfigDict:
 
     config.pyramid = ml_collections.ConfigDict()
     config.pyramid.levels = 2
-    # end_to_end | stagewise (context through stop_gradient) | none (no context).
+    # end_to_end (one summed loss, gradients through the context) | stagewise (one summed
+    # loss, the context through stop_gradient) | separate (level 1 trained first, then
+    # frozen while level 2 trains on its inference-mode predictions, ...) | none (no context).
     config.pyramid.mode = "end_to_end"
+    # separate only: the steps of levels 1 .. S-1 in turn, the finest training the rest of
+    # train.steps; () splits train.steps equally between the levels.
+    config.pyramid.level_steps = ()
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "dice_ce"  # dice (the paper's Eq. 1) | dice_ce

@@ -15,8 +15,10 @@ from collections.abc import Sequence
 from types import ModuleType
 
 from autocontext_jax.cli import (
+    ablation,
     check,
     compare,
+    diagnose,
     evaluate,
     phantom,
     plot,
@@ -35,9 +37,11 @@ COMMANDS: dict[str, ModuleType] = {
     "train": train,
     "predict": predict,
     "evaluate": evaluate,
+    "diagnose": diagnose,
     "plot": plot,
     "compare": compare,
     "sweep": sweep,
+    "ablation": ablation,
     "check": check,
 }
 

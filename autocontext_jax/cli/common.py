@@ -71,7 +71,9 @@ def parse_flags(argv: list[str]) -> list[str]:
         sys.exit(f"Bad flag: {_one_line(error)} (--helpfull lists the flags)")
     except (AttributeError, KeyError, TypeError, ValueError) as error:
         sys.exit(f"Bad configuration override: {_one_line(error)}")
-    if "config" in flags.FLAGS and flags.FLAGS["config"].value is not None:
+    # A --config of a config file (train, preprocess); the ablation's is a plain path.
+    config_value = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+    if config_value is not None and not isinstance(config_value, str):
         try:
             flags.FLAGS["config"].value.keys()
         except OSError as error:

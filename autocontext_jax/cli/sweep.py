@@ -221,8 +221,11 @@ def define_flags() -> None:
     flags.DEFINE_string("slurm_partition", None, "SLURM partition.")
 
 
-def _launch(sweep: Sweep, runs: Sequence[SweepRun]) -> int:
-    """Start (or print) every run on the chosen backend; the number of failed launches."""
+def launch_runs(sweep: Sweep, runs: Sequence[SweepRun]) -> int:
+    """Start (or print) every run on the backend of the flags; the number of failed launches.
+
+    Reads the flags `define_flags` defines (the ablation command defines them too).
+    """
     local = FLAGS.backend == "local"
     python = FLAGS.python or (sys.executable if local and not FLAGS.dry_run else "python3")
     failed = 0
@@ -268,7 +271,7 @@ def main(argv: list[str]) -> None:
         if argv[1] == "report":
             print(report(runs, FLAGS.report_metric))
             return
-        failed = _launch(sweep, runs)
+        failed = launch_runs(sweep, runs)
         if failed:
             sys.exit(f"{failed} of {len(runs)} runs failed")
         if FLAGS.backend == "local" and not FLAGS.dry_run:

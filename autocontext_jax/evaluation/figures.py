@@ -131,3 +131,40 @@ def plot_run(
     curves_figure(read_metrics(run.workdir)).savefig(path, dpi=120)
     written.append(path)
     return written
+
+
+def ablation_figure(report: dict, columns: int = 4):
+    """Dice of the finest level against pyramid depth, one panel per organ, a line per mode.
+
+    Error bars are the std over seeds; a one-level pyramid (no context) is every mode's
+    point at depth 1.
+    """
+    organs = report["classes"]
+    rows = -(-len(organs) // columns)
+    figure = _figure_class()(figsize=(3.2 * columns, 2.8 * rows), layout="constrained")
+    axes = figure.subplots(rows, columns, squeeze=False).ravel()
+    finest = [row for row in report["summaries"] if row["level"] == row["depth"]]
+    single = [row for row in finest if row["mode"] == "single"]
+    modes = sorted({row["mode"] for row in finest} - {"single"})
+    for k, (axis, organ) in enumerate(zip(axes, organs, strict=False)):
+        for mode in modes:
+            points = sorted(
+                single + [row for row in finest if row["mode"] == mode],
+                key=lambda row: row["depth"],
+            )
+            axis.errorbar(
+                [row["depth"] for row in points],
+                [100 * row["mean"][k] for row in points],
+                yerr=[100 * row["std"][k] for row in points],
+                marker="o",
+                capsize=3,
+                label=mode,
+            )
+        axis.set_title(organ)
+        axis.set_xlabel("pyramid depth (levels)")
+        axis.set_ylabel("Dice (%)")
+        axis.set_xticks(sorted({row["depth"] for row in finest}))
+    for axis in axes[len(organs) :]:
+        axis.set_visible(False)
+    axes[0].legend(fontsize="small")
+    return figure

@@ -107,13 +107,16 @@ def make_tile_predictor(
     mirror: bool,
     with_context: bool,
     mesh: Mesh,
+    batch_statistics: bool = False,
 ) -> Callable[..., jax.Array]:
     """A jitted (variables, images, coarse_context) -> weighted softmax of a batch of tiles.
 
     `images` is (B, *tile_shape, C); `coarse_context` is (B, *(tile_shape / 2 + 2), K),
     the previous level's probabilities with a one-voxel margin, or None without context.
     The batch is split over the mesh; the weights are replicated. Cached, so a folder of
-    scans compiles each level and tile shape once.
+    scans compiles each level and tile shape once. `batch_statistics` normalises with
+    each batch's own BatchNorm statistics, as training does (diagnostics only; the
+    running statistics are left as they are).
     """
     net = model.level_network()
     weights = [tile_weight_1d(n, weighting) for n in tile_shape]
@@ -133,7 +136,11 @@ def make_tile_predictor(
             x = jnp.concatenate([images, context.astype(images.dtype)], axis=-1)
         total = 0.0
         for axes in flips:
-            logits = net.apply(variables, jnp.flip(x, axes) if axes else x, train=False)
+            flipped = jnp.flip(x, axes) if axes else x
+            if batch_statistics:
+                logits, _ = net.apply(variables, flipped, train=True, mutable=["batch_stats"])
+            else:
+                logits = net.apply(variables, flipped, train=False)
             probs = jax.nn.softmax(logits, axis=-1)
             total = total + (jnp.flip(probs, axes) if axes else probs)
         return total * (weight / len(flips))
@@ -171,6 +178,7 @@ def predict_level(
     options: TilingOptions,
     mesh: Mesh,
     progress: Callable[[int], None] | None = None,
+    batch_statistics: bool = False,
 ) -> np.ndarray:
     """Blended softmax (X, Y, Z, K) of one level over its (X, Y, Z, C) grid.
 
@@ -178,7 +186,8 @@ def predict_level(
     the first level (or a pyramid without context). Every tile is `options.tile_size`
     voxels along each axis: an axis shorter than that is padded at its far end (image
     with `pad_value`, context with its edge) and cropped off again, so the predictor
-    compiles once per level whatever the scan's size.
+    compiles once per level whatever the scan's size. `batch_statistics`: see
+    `make_tile_predictor`.
     """
     grid = image.shape[:3]
     tile_shape = (options.tile_size,) * 3
@@ -190,7 +199,7 @@ def predict_level(
     corners = list(itertools.product(*starts))
     with_context = coarse_probs is not None
     predictor = make_tile_predictor(
-        model, tile_shape, options.weighting, options.mirror, with_context, mesh
+        model, tile_shape, options.weighting, options.mirror, with_context, mesh, batch_statistics
     )
     batch_size = options.tiles_per_batch * mesh.size
     sharding = parallel.batch_sharded(mesh)

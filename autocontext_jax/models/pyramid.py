@@ -3,6 +3,12 @@
 Level 1 sees the image downsampled by 2^S; level s sees it downsampled by 2^(S-s+1).
 For s > 1 the softmax of level s-1 is upsampled x2 (trilinear), centre-cropped to the
 field of view of level s and concatenated to its image as K extra channels.
+
+The context modes: `end_to_end` (one summed loss, gradients flow through the context into
+the coarser levels), `stagewise` (one summed loss, trained jointly, the context through
+`stop_gradient`), `separate` (each level trained in its own phase of steps on the frozen
+coarser levels' inference-mode predictions: training/phases.py), `none` (no context).
+The forward pass of `stagewise` and `separate` is that of `end_to_end`.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import ml_collections
 
 from autocontext_jax.models.unet import UNet3D
 
-CONTEXT_MODES = ("end_to_end", "stagewise", "none")
+CONTEXT_MODES = ("end_to_end", "stagewise", "separate", "none")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -40,6 +46,17 @@ def upsample_and_crop(probs: jnp.ndarray, spatial_shape: Sequence[int]) -> jnp.n
         (0, *starts, 0),
         (batch, *(s + n for s, n in zip(starts, spatial_shape, strict=True)), channels),
     )
+
+
+def with_context(
+    image: jnp.ndarray, coarser_logits: jnp.ndarray, stop_gradient: bool = False
+) -> jnp.ndarray:
+    """`image` with the coarser level's softmax (upsampled x2, centre-cropped) as K channels."""
+    context = jax.nn.softmax(coarser_logits, axis=-1)
+    if stop_gradient:
+        context = jax.lax.stop_gradient(context)
+    context = upsample_and_crop(context, image.shape[1:4])
+    return jnp.concatenate([image, context.astype(image.dtype)], axis=-1)
 
 
 class AutoContextPyramid(nn.Module):
@@ -108,11 +125,7 @@ class AutoContextPyramid(nn.Module):
         for s, (net, image) in enumerate(zip(self.levels, images, strict=True)):
             x = image
             if self.takes_context(s + 1):
-                context = jax.nn.softmax(logits[-1], axis=-1)
-                if self.mode == "stagewise":
-                    context = jax.lax.stop_gradient(context)
-                context = upsample_and_crop(context, image.shape[1:4])
-                x = jnp.concatenate([image, context.astype(image.dtype)], axis=-1)
+                x = with_context(image, logits[-1], stop_gradient=self.mode != "end_to_end")
             logits.append(net(x, train=train))
         return logits
 

@@ -76,6 +76,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         f"must be an integer from 1 to {MAX_PYRAMID_LEVELS}",
     )
     _require(pyramid.mode in CONTEXT_MODES, "pyramid.mode", pyramid.mode, f"one of {CONTEXT_MODES}")
+    _check_level_steps(config)
     _require(model.width >= 1, "model.width", model.width, "must be positive")
     _require(model.num_poolings >= 1, "model.num_poolings", model.num_poolings, "must be >= 1")
     _require(model.in_channels >= 1, "model.in_channels", model.in_channels, "must be >= 1")
@@ -165,6 +166,30 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         "must be a distance > 0 in mm",
     )
     _check_preprocessing(data, model.num_classes)
+
+
+def _check_level_steps(config: ml_collections.ConfigDict) -> None:
+    pyramid, steps = config.pyramid, config.train.steps
+    lengths = tuple(pyramid.get("level_steps", ()))
+    if pyramid.mode != "separate" or pyramid.levels < 2 or not isinstance(steps, int):
+        return
+    if not lengths:
+        _require(
+            steps >= pyramid.levels,
+            "train.steps",
+            steps,
+            f"a separately trained pyramid needs at least one step per level ({pyramid.levels})",
+        )
+        return
+    _require(
+        len(lengths) == pyramid.levels - 1
+        and all(isinstance(n, int) and n >= 1 for n in lengths)
+        and sum(lengths) < steps,
+        "pyramid.level_steps",
+        pyramid.level_steps,
+        f"() or {pyramid.levels - 1} positive step counts, one per level but the finest, "
+        f"summing to less than train.steps={steps}",
+    )
 
 
 def _check_preprocessing(data: ml_collections.ConfigDict, num_classes: int) -> None:

@@ -27,9 +27,9 @@ from autocontext_jax.data.pipeline import (
 )
 from autocontext_jax.data.plan import Plan, save_run_plan
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, logs, parallel
+from autocontext_jax.training import checkpointing, logs, parallel, phases
 from autocontext_jax.training.config_checks import validate_config
-from autocontext_jax.training.state import TrainState, make_optimizer, restore_or_create_state
+from autocontext_jax.training.state import TrainState, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
 
 # The folder configs/default.py trains on: the phantom is generated there unasked.
@@ -251,7 +251,7 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     sampler, _ = prepare_data(config, workdir)
 
     model = build_pyramid(config)
-    optimizer = make_optimizer(config.train)
+    optimizer = phases.make_run_optimizer(config)
     mesh = parallel.make_mesh()
     manager = checkpointing.make_manager(workdir, config)
     state, restored_step = restore_or_create_state(

@@ -29,15 +29,26 @@ class TrainState:
     ema_params: Any
 
 
-def make_schedule(train_config: ml_collections.ConfigDict) -> optax.Schedule:
-    """The learning-rate schedule named by `train.schedule`."""
+def make_schedule(
+    train_config: ml_collections.ConfigDict, steps: int | None = None
+) -> optax.Schedule:
+    """The learning-rate schedule named by `train.schedule`, over `steps` (default train.steps).
+
+    A `steps` shorter than the warm-up (a phase of a separately trained pyramid) warms up
+    for all but its last step.
+    """
     if train_config.schedule == "constant":
         return optax.constant_schedule(train_config.learning_rate)
+    warmup_steps = train_config.warmup_steps
+    if steps is None:
+        steps = train_config.steps
+    else:
+        warmup_steps = min(warmup_steps, max(steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=train_config.learning_rate,
-        warmup_steps=train_config.warmup_steps,
-        decay_steps=train_config.steps,
+        warmup_steps=warmup_steps,
+        decay_steps=max(steps, 1),
         end_value=train_config.learning_rate * train_config.final_lr_fraction,
     )
 
@@ -113,14 +124,16 @@ def restore_evaluation_variables(
     train_config: ml_collections.ConfigDict,
     sharding: jax.sharding.Sharding,
     step: int | None = None,
+    live: bool = False,
 ) -> tuple[dict[str, Any], int]:
     """(variables, step): what `evaluation_variables` gives, read from a run's checkpoint.
 
-    Only the parameters it evaluates (the average when train.ema_decay > 0) and the
-    BatchNorm statistics are read, into the shapes of `model`.
+    Only the parameters it evaluates (the average when train.ema_decay > 0; the last
+    parameters, which the train step uses, when `live`) and the BatchNorm statistics are
+    read, into the shapes of `model`.
     """
     abstract = abstract_variables(model)
-    params_field = "ema_params" if train_config.ema_decay > 0 else "params"
+    params_field = "ema_params" if train_config.ema_decay > 0 and not live else "params"
     target = {params_field: abstract["params"], "batch_stats": abstract["batch_stats"]}
     target = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), target

@@ -12,7 +12,8 @@ import optax
 
 from autocontext_jax.data.device_augment import augment_intensity
 from autocontext_jax.models import conv
-from autocontext_jax.training import parallel
+from autocontext_jax.models.pyramid import AutoContextPyramid, with_context
+from autocontext_jax.training import parallel, phases
 from autocontext_jax.training.losses import segmentation_loss
 from autocontext_jax.training.state import TrainState, ema_update, make_schedule
 
@@ -33,8 +34,11 @@ def make_train_step(
 
     `batch["image"]` is (B, S, c, c, c, C) and `batch["label"]` (B, S, c, c, c, K), level 1
     (coarsest) first. The total loss is the sum of the level losses; whether level s-1
-    learns from level s's loss is decided by the pyramid's mode.
+    learns from level s's loss is decided by the pyramid's mode. A separately trained
+    pyramid has a step of its own (`make_separate_train_step`).
     """
+    if phases.is_separate(config):
+        return make_separate_train_step(model, optimizer, config)
     schedule = make_schedule(config.train)
     num_levels = config.pyramid.levels
 
@@ -81,6 +85,100 @@ def make_train_step(
             "loss": loss,
             "grad_norm": optax.tree.norm(grads),
             "learning_rate": schedule(state.step),
+        }
+        for s in range(num_levels):
+            metrics[f"loss_level_{s + 1}"] = level_losses[s]
+        return new_state, metrics
+
+    return train_step
+
+
+def make_separate_train_step(
+    model: AutoContextPyramid,
+    optimizer: optax.GradientTransformation,
+    config: ml_collections.ConfigDict,
+) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
+    """The step of a separately trained pyramid: only the level whose phase it is learns.
+
+    In level p's phase the coarser levels run in inference mode (running BatchNorm
+    statistics, the evaluated parameters: the average when train.ema_decay > 0), so level p
+    learns from the context it will get at evaluation; level p trains on its own loss;
+    finer levels do not run. The frozen levels' parameters, statistics, averages and
+    moments are left as they are (`optimizer` is `phases.separate_optimizer`). The loss
+    of a level not yet trained is logged as NaN; that of a frozen level is its
+    inference-mode loss on the batch.
+    """
+    bounds = phases.phase_bounds(config)
+    num_levels = config.pyramid.levels
+    net = model.level_network()
+    names = [f"level_{s + 1}" for s in range(num_levels)]
+    averaged = config.train.ema_decay > 0
+
+    def level_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
+        return segmentation_loss(config.loss.name, logits, targets, config.loss.dice_background)
+
+    def phase_loss(phase: int, state: TrainState, images: list, targets: list):
+        frozen = state.ema_params if averaged else state.params
+
+        def loss_fn(params):
+            losses, logits, batch_stats = [], None, dict(state.batch_stats)
+            for s in range(phase + 1):
+                x = images[s]
+                if s > 0 and model.takes_context(s + 1):
+                    x = with_context(x, logits, stop_gradient=True)
+                name = names[s]
+                if s < phase:
+                    variables = {"params": frozen[name], "batch_stats": state.batch_stats[name]}
+                    logits = net.apply(variables, x, train=False)
+                else:
+                    variables = {"params": params[name], "batch_stats": state.batch_stats[name]}
+                    logits, updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
+                    batch_stats[name] = updates["batch_stats"]
+                losses.append(level_loss(logits, targets[s]))
+            untrained = [jnp.full((), jnp.nan, jnp.float32)] * (num_levels - phase - 1)
+            return losses[phase], (jnp.stack(losses + untrained), batch_stats)
+
+        return jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+
+    def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
+        rng = jax.random.fold_in(rng, state.step)
+        image = augment_intensity(rng, batch["image"], config.augment)
+        images = [image[:, s] for s in range(num_levels)]
+        targets = [batch["label"][:, s] for s in range(num_levels)]
+        phase = phases.phase_index(state.step, bounds)
+        branches = [
+            lambda state, images, targets, p=p: phase_loss(p, state, images, targets)
+            for p in range(num_levels)
+        ]
+        (loss, (level_losses, batch_stats)), grads = jax.lax.switch(
+            phase, branches, state, images, targets
+        )
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        ema_params = {}
+        for s, (name, (start, _)) in enumerate(zip(names, bounds, strict=True)):
+            # Each level's average starts with its phase, as a run of its own would.
+            new = ema_update(
+                state.ema_params[name],
+                params[name],
+                jnp.maximum(state.step - start, 0),
+                config.train.ema_decay,
+            )
+            ema_params[name] = jax.tree.map(
+                lambda n, o, s=s: jnp.where(phase == s, n, o), new, state.ema_params[name]
+            )
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            batch_stats=batch_stats,
+            opt_state=opt_state,
+            ema_params=ema_params,
+        )
+        metrics = {
+            "finite": all_finite(loss, grads, params, batch_stats),
+            "loss": loss,
+            "grad_norm": optax.tree.norm(grads),
+            "learning_rate": phases.phase_learning_rate(config.train, bounds, state.step),
         }
         for s in range(num_levels):
             metrics[f"loss_level_{s + 1}"] = level_losses[s]

@@ -1,0 +1,181 @@
+"""Train pyramid depth x context mode x seed on one split and write the ablation's statistics.
+
+    autocontext ablation --config configs/ablation_cpu.py --levels 1,2 \
+        --modes end_to_end,separate,none --seeds 0,1,2 --runs_dir runs/ablation
+    autocontext ablation ... --backend=slurm --slurm_gpus_per_node=1 --dry_run
+    autocontext ablation ... --report_only
+
+Each (levels, mode, seed) trains and evaluates in its own workdir RUNS_DIR/NAME, through
+the sweep machinery (`autocontext sweep`: here one after another, on every worker of a
+TPU slice with --backend=tpu, or as SLURM jobs with --backend=slurm); a one-level pyramid
+has no context, so it is one run per seed whatever the modes. A `separate` run trains
+levels x train.steps steps, so that each of its levels gets as many optimiser steps as in
+a jointly trained run. Every run shares the config's held-out split (data.split_seed).
+Then (or with --report_only, once remote runs are done) RUNS_DIR/ablation.md, .json and
+.png: per organ and level the mean ± std over seeds, every mode against --baseline at each
+depth and every pyramid against one U-Net, a paired test over case x seed pairs
+(--test), Holm-corrected, with one verdict per comparison
+(autocontext_jax/evaluation/ablation.py). `--override KEY=VALUE` changes a config field of
+every run.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+from collections.abc import Sequence
+
+from absl import app, flags
+
+from autocontext_jax.cli import sweep
+from autocontext_jax.cli.common import run_command
+from autocontext_jax.config_files import load_config_file
+from autocontext_jax.data.atomic import (
+    write_atomically,
+    write_json_atomically,
+    write_text_atomically,
+)
+from autocontext_jax.evaluation import ablation, compare
+from autocontext_jax.evaluation.figures import ablation_figure
+from autocontext_jax.models.pyramid import CONTEXT_MODES
+from autocontext_jax.training.config_checks import MAX_PYRAMID_LEVELS
+
+FLAGS = flags.FLAGS
+REPORT_NAME = "ablation"
+
+
+def define_flags() -> None:
+    """Define the command line's flags (the sweep's backends and these)."""
+    sweep.define_flags()
+    flags.DEFINE_string("config", None, "Base config file of every run.", required=True)
+    flags.DEFINE_list("levels", ["1", "2"], "Pyramid depths.")
+    flags.DEFINE_list("modes", ["end_to_end", "separate", "none"], "Context modes.")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of initialisation and sampling.")
+    flags.DEFINE_string("baseline", "none", "The mode every other mode is tested against.")
+    flags.DEFINE_enum("test", "wilcoxon", ablation.TESTS, "Paired test over case x seed pairs.")
+    flags.DEFINE_float("alpha", 0.05, "Family-wise error rate of the Holm correction.")
+    flags.DEFINE_multi_string("override", [], "KEY=VALUE: a config field of every run.")
+    flags.DEFINE_bool("report_only", False, "Train nothing; report the runs that finished.")
+
+
+def _integers(name: str, values: Sequence[str]) -> list[int]:
+    try:
+        return [int(v) for v in values]
+    except ValueError:
+        raise app.UsageError(f"--{name} takes integers separated by commas: {values}") from None
+
+
+def grid_runs(
+    config_path: str,
+    levels: Sequence[int],
+    modes: Sequence[str],
+    seeds: Sequence[int],
+    overrides: dict[str, str],
+    runs_dir: str,
+) -> tuple[sweep.Sweep, list[sweep.SweepRun]]:
+    """The sweep of the grid and its runs, named `levels-2_mode-none_seed-0`."""
+    steps = int(overrides.get("train.steps", load_config_file(config_path).train.steps))
+    runs = []
+    for depth in levels:
+        for mode in modes[:1] if depth == 1 else modes:
+            for seed in seeds:
+                name = (
+                    f"levels-{depth}_seed-{seed}"
+                    if depth == 1
+                    else (f"levels-{depth}_mode-{mode}_seed-{seed}")
+                )
+                run = {**overrides, "pyramid.levels": depth, "pyramid.mode": mode, "seed": seed}
+                if mode == "separate" and depth > 1:
+                    run["train.steps"] = depth * steps
+                runs.append(sweep.SweepRun(name, run, str(pathlib.Path(runs_dir) / name)))
+    return sweep.Sweep(config_path, tuple(r.overrides for r in runs)), runs
+
+
+def gather(runs: Sequence[sweep.SweepRun]) -> tuple[list[ablation.AblationRun], list[str]]:
+    """The evaluated runs of the grid, and the names of those not finished."""
+    done, missing = [], []
+    for run in runs:
+        if not (pathlib.Path(run.workdir) / compare.CASES_FILE).is_file():
+            missing.append(run.name)
+            continue
+        o = run.overrides
+        done.append(
+            ablation.AblationRun(
+                int(o["pyramid.levels"]),
+                o["pyramid.mode"],
+                int(o["seed"]),
+                compare.load_result(run.workdir),
+            )
+        )
+    return done, missing
+
+
+def write_report(
+    runs: Sequence[sweep.SweepRun],
+    runs_dir: str,
+    baseline: str = "none",
+    test: str = "wilcoxon",
+    alpha: float = 0.05,
+) -> str:
+    """Write RUNS_DIR/ablation.{md,json,png} of the finished runs; the Markdown."""
+    done, missing = gather(runs)
+    report = ablation.ablation_report(done, baseline, test, alpha)
+    report["not_finished"] = missing
+    text = ablation.ablation_markdown(report)
+    if missing:
+        text = f"**Not finished, left out:** {', '.join(missing)}\n\n" + text
+    folder = pathlib.Path(runs_dir)
+    write_text_atomically(folder / f"{REPORT_NAME}.md", text)
+    write_json_atomically(folder / f"{REPORT_NAME}.json", report)
+    try:
+        figure = ablation_figure(report)
+    except ImportError as error:
+        text += f"\nNo figure: {error}\n"
+    else:
+        write_atomically(
+            folder / f"{REPORT_NAME}.png", lambda path: figure.savefig(path, format="png", dpi=120)
+        )
+    return text
+
+
+def main(argv: list[str]) -> None:
+    """Launch the grid's runs (unless --report_only), then write and print the report."""
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.runs_dir is None:
+        raise app.UsageError("--runs_dir is required: the folder of the ablation's workdirs")
+    levels, seeds = _integers("levels", FLAGS.levels), _integers("seeds", FLAGS.seeds)
+    for mode in FLAGS.modes:
+        if mode not in CONTEXT_MODES:
+            raise app.UsageError(f"--modes: {mode!r} is not one of {CONTEXT_MODES}")
+    if FLAGS.baseline not in FLAGS.modes:
+        raise app.UsageError(f"--baseline={FLAGS.baseline} is not one of --modes {FLAGS.modes}")
+    if not all(1 <= depth <= MAX_PYRAMID_LEVELS for depth in levels):
+        raise app.UsageError(f"--levels: each from 1 to {MAX_PYRAMID_LEVELS}, got {levels}")
+    overrides = {}
+    for item in FLAGS.override:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise app.UsageError(f"--override takes KEY=VALUE, got {item!r}")
+        overrides[key] = value
+    try:
+        grid, runs = grid_runs(FLAGS.config, levels, FLAGS.modes, seeds, overrides, FLAGS.runs_dir)
+    except (OSError, AttributeError, ValueError) as error:
+        sys.exit(f"Ablation: {FLAGS.config}: {error}")
+    failed = 0 if FLAGS.report_only else sweep.launch_runs(grid, runs)
+    if FLAGS.report_only or (FLAGS.backend == "local" and not FLAGS.dry_run):
+        try:
+            print(write_report(runs, FLAGS.runs_dir, FLAGS.baseline, FLAGS.test, FLAGS.alpha))
+        except (ablation.AblationError, compare.ComparisonError) as error:
+            sys.exit(f"Ablation {FLAGS.runs_dir}: {error}")
+    if failed:
+        sys.exit(f"{failed} of {len(runs)} runs failed")
+
+
+def run(argv: Sequence[str] | None = None) -> None:
+    """Entry point of the command (`argv` defaults to sys.argv)."""
+    run_command(__doc__, define_flags, main, argv)
+
+
+if __name__ == "__main__":
+    run()

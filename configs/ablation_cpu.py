@@ -1,0 +1,31 @@
+"""The ablation's base config on a 2-core CPU: the default pyramid, 800 steps, 20 phantom cases.
+
+    autocontext ablation --config configs/ablation_cpu.py --levels 1,2 \
+        --modes end_to_end,separate,none --seeds 0,1,2 --runs_dir runs/ablation_cpu
+
+About an hour for those 12 runs on a 2-core laptop CPU, an estimate not yet timed end to
+end: about 0.28 s per step of a two-level joint run (the default job's 1,500 steps in
+about 7 minutes of training), half that for one level, a separate run's twice as many
+steps at a level's cost each, and about 1.5 minutes per run to start and to evaluate.
+12 training and 8 held-out cases: each comparison has 8 cases x 3 seeds = 24 pairs. The phantom
+goes into its own folder, so the default run's data is left alone.
+"""
+
+import pathlib
+
+import ml_collections
+
+from autocontext_jax.config_files import load_config_file
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """Return the default config sized for the CPU ablation."""
+    config = load_config_file(pathlib.Path(__file__).with_name("default.py"))
+    config.data.dir = "data/phantom_ablation"
+    config.data.generate_phantom = True
+    config.data.phantom_cases = 20
+    config.data.num_val_cases = 8
+    config.train.steps = 800
+    config.train.checkpoint_every = 200
+    config.train.log_every = 20
+    return config
