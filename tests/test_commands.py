@@ -335,3 +335,12 @@ def test_a_user_error_is_one_line_and_status_1_in_a_real_process(tmp_path):
         f"Cannot compare: {tmp_path / 'eval_cases.json'}: missing; evaluate the run first "
         f"(python -m autocontext_jax.evaluate --workdir {tmp_path})"
     )
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_subcommand_help_exits_0_in_process(name):
+    from conftest import run_autocontext
+
+    result = run_autocontext(name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"autocontext {name} " in result.stdout and "Flags:" in result.stdout
