@@ -2,15 +2,25 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import io
 import pathlib
+import re
 import struct
+import sys
+import traceback
+from unittest import mock
 
 import ml_collections
 import pytest
+from absl import flags
 from tensorboardX.proto import event_pb2
 
 from autocontext_jax import phantom
+from autocontext_jax.cli import commands
 from autocontext_jax.config_files import load_config_file
+from autocontext_jax.training.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TINY_PHANTOM_SHAPE = (48, 40, 32)
@@ -67,3 +77,74 @@ def read_events(folder: pathlib.Path) -> list:
             events.append(event_pb2.Event.FromString(payload))
             offset += 12 + length + 4
     return events
+
+
+@dataclasses.dataclass(frozen=True)
+class CommandResult:
+    """What `autocontext ARGS...` run in this process returned and printed."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_autocontext(*args: str) -> CommandResult:
+    """`autocontext ARGS...` in this process (no interpreter start-up, JAX already loaded).
+
+    stderr holds what the process would print there: the message of sys.exit(text), or the
+    traceback of an exception that escaped the command. The command's flags are removed
+    afterwards, so the next call defines them afresh.
+    """
+    before = set(flags.FLAGS)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    code: int | str | None = 0
+    argv = ["autocontext", *args]
+    try:
+        # ml_collections reads the --config.a.b overrides from sys.argv itself.
+        with (
+            mock.patch.object(sys, "argv", argv),
+            contextlib.redirect_stdout(stdout),
+            contextlib.redirect_stderr(stderr),
+        ):
+            commands.main(argv)
+    except SystemExit as stop:
+        code = stop.code
+    except Exception:  # an escaped error: the interpreter would print it and exit with 1
+        stderr.write(traceback.format_exc())
+        code = 1
+    finally:
+        for name in set(flags.FLAGS) - before:
+            delattr(flags.FLAGS, name)
+        flags.FLAGS.unparse_flags()
+    if isinstance(code, str):
+        stderr.write(code + "\n")
+        code = 1
+    return CommandResult(code or 0, stdout.getvalue(), stderr.getvalue())
+
+
+# A progress bar's update, "tiles:  40%|####      | 2/5 [00:01<00:01,  1.54tile/s]".
+PROGRESS_LINE = re.compile(r"\|\s*\d+/\d+ \[")
+
+
+def assert_one_line_error(result: CommandResult, expected: str) -> None:
+    """The command failed with one line on standard error holding `expected`, no traceback.
+
+    Progress bars (which a terminal redraws in place) are not lines of the message.
+    """
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    lines = [line for line in lines if not PROGRESS_LINE.search(line)]
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0], result.stderr
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_phantom, tmp_path_factory) -> pathlib.Path:
+    """The workdir of a tiny run trained for 2 steps on the tiny phantom, not evaluated."""
+    config = make_tiny_config(tiny_phantom)
+    config.train.steps = 2
+    config.eval.at_end = False
+    workdir = tmp_path_factory.mktemp("tiny_run")
+    train(config, str(workdir))
+    return workdir

@@ -6,6 +6,8 @@ import pathlib
 import subprocess
 import sys
 
+import nibabel as nib
+import numpy as np
 import pytest
 
 from autocontext_jax import __version__
@@ -98,3 +100,247 @@ def test_jax_start_up_warnings_show_only_with_verbosity():
     assert "initialize backend" not in quiet.stderr
     verbose = _run(sys.executable, "-c", START_UP_SCRIPT, "--verbosity=0")
     assert verbose.returncode == 0 and "initialize backend 'tpu'" in verbose.stderr
+
+
+def _hostile_files(root: pathlib.Path, tiny_phantom: pathlib.Path) -> dict[str, pathlib.Path]:
+    """Files and folders a careless user points the commands at."""
+    paths = {"tmp": root, "scan": sorted((tiny_phantom / "imagesTr").iterdir())[0]}
+    paths["empty"] = root / "empty"
+    paths["empty"].mkdir()
+    paths["norun"] = root / "norun"
+    paths["norun"].mkdir()
+    paths["text"] = root / "text.nii.gz"
+    paths["text"].write_text("hello")
+    # A CT of 128 x 128 x 64 voxels whose header claims 50 mm voxels instead of ~1 mm.
+    hu = np.random.default_rng(0).integers(-1000, 1000, (128, 128, 64)).astype(np.int16)
+    paths["huge"] = root / "huge.nii.gz"
+    nib.save(nib.Nifti1Image(hu, np.diag([50.0, 50.0, 50.0, 1.0])), paths["huge"])
+    label_path = tiny_phantom / "labelsTr" / "phantom_000.nii.gz"
+    label = nib.load(label_path)
+    ids = np.asarray(label.dataobj).astype(np.uint8)
+    ids[0, 0, 0] = 77  # an id no class of the run has
+    paths["unknown_ids"] = root / "unknown_ids.nii.gz"
+    nib.save(nib.Nifti1Image(ids, label.affine), paths["unknown_ids"])
+    sweeps = {
+        "empty_grid": "CONFIG = 'configs/default.py'\ndef get_sweep():\n    return []\n",
+        "typo_grid": "CONFIG = 'configs/default.py'\n"
+        "def get_sweep():\n    return [{'train.stepz': 1}, {'train.stepz': 2}]\n",
+        "broken_grid": "CONFIG = 'configs/default.py'\ndef get_sweep():\n    return [{}] * 'x'\n",
+        "syntax": "CONFIG = 'configs/default.py'\ndef get_sweep(:\n",
+    }
+    for name, text in sweeps.items():
+        paths[name] = root / f"{name}.py"
+        paths[name].write_text(text)
+    return paths
+
+
+# (arguments, the text the one line holds); {name} is a path of _hostile_files, {run} the
+# tiny run's workdir, {phantom} the tiny phantom.
+HOSTILE_COMMANDS = {
+    "train without --config": (["train"], "Usage: --config is required"),
+    "train an unknown flag": (["train", "--nope=1"], "Bad flag: Unknown command line flag 'nope'"),
+    "train a positional argument": (
+        ["train", "--config=configs/default.py", "extra"],
+        "unexpected arguments: ['extra']",
+    ),
+    "train a field typo": (
+        ["train", "--config=configs/default.py", "--config.train.stepz=3"],
+        'Did you mean "steps"',
+    ),
+    "train a value of the wrong type": (
+        ["train", "--config=configs/default.py", "--config.train.steps=abc"],
+        "--config.train.steps=abc: invalid literal for int()",
+    ),
+    "train a config that does not exist": (
+        ["train", "--config=configs/nope.py"],
+        "No such file or directory: 'configs/nope.py'",
+    ),
+    "train a bad value": (
+        ["train", "--config=configs/default.py", "--config.train.learning_rate=inf"],
+        "Bad configuration: config.train.learning_rate=inf",
+    ),
+    "train a workdir that is a file": (
+        ["train", "--config=configs/default.py", "--workdir={text}", "--config.data.dir={phantom}"],
+        "is a file, not a folder",
+    ),
+    "preprocess a data.dir that does not exist": (
+        ["preprocess", "--config=configs/default.py", "--config.data.dir={tmp}/typo"],
+        "typo: config.data.dir does not exist",
+    ),
+    "preprocess every case held out": (
+        [
+            "preprocess",
+            "--config=configs/default.py",
+            "--config.data.dir={phantom}",
+            "--config.data.phantom_cases=0",
+            "--config.data.num_val_cases=5",
+        ],
+        "config.data.num_val_cases=5 must leave at least one",
+    ),  # fmt: skip
+    "predict without --workdir": (
+        ["predict", "--input={scan}", "--output={tmp}/seg.nii.gz"],
+        "Usage: --workdir is required",
+    ),
+    "predict a folder that is not a run": (
+        ["predict", "--workdir={norun}", "--input={scan}", "--output={tmp}/seg.nii.gz"],
+        "norun/config.json: no config.json",
+    ),
+    "predict a step without a checkpoint": (
+        ["predict", "--workdir={run}", "--input={scan}", "--output={tmp}/seg.nii.gz", "--step=99"],
+        "no checkpoint of step 99",
+    ),
+    "predict a missing input": (
+        ["predict", "--workdir={run}", "--input={tmp}/nope.nii.gz", "--output={tmp}/seg.nii.gz"],
+        "nope.nii.gz: no such file or folder",
+    ),
+    "predict an empty folder": (
+        ["predict", "--workdir={run}", "--input={empty}", "--output={tmp}/segs"],
+        "empty: empty folder",
+    ),
+    "predict a file that is not a scan": (
+        ["predict", "--workdir={run}", "--input={text}", "--output={tmp}/seg.nii.gz"],
+        "text.nii.gz: cannot read as NIfTI",
+    ),
+    "predict onto its input": (
+        ["predict", "--workdir={run}", "--input={scan}", "--output={scan}"],
+        "would write over the input",
+    ),
+    "predict a header claiming 50 mm voxels": (
+        ["predict", "--workdir={run}", "--input={huge}", "--output={tmp}/seg.nii.gz"],
+        "huge.nii.gz: its (128, 128, 64) voxels of (50.0, 50.0, 50.0) mm would resample",
+    ),
+    "predict a bad overlap": (
+        ["predict", "--workdir={run}", "--input={scan}", "--output={tmp}/s.nii", "--overlap=1.5"],
+        "--overlap=1.5: must be in [0, 1)",
+    ),
+    "predict a tile the network cannot take": (
+        ["predict", "--workdir={run}", "--input={scan}", "--output={tmp}/s.nii", "--tile_size=7"],
+        "--tile_size=7: must be a positive multiple",
+    ),
+    "predict a bad label map": (
+        [
+            "predict",
+            "--workdir={run}",
+            "--input={scan}",
+            "--output={tmp}/s.nii.gz",
+            "--labels={scan}",
+            "--label_map=garbage",
+        ],
+        "--label_map: label map 'garbage': expected ID:CLASS pairs",
+    ),  # fmt: skip
+    "predict missing labels": (
+        [
+            "predict",
+            "--workdir={run}",
+            "--input={scan}",
+            "--output={tmp}/s.nii.gz",
+            "--labels={tmp}/nope.nii.gz",
+        ],
+        "nope.nii.gz: no such label file or folder",
+    ),  # fmt: skip
+    "predict labels with unknown ids": (
+        [
+            "predict",
+            "--workdir={run}",
+            "--input={scan}",
+            "--output={tmp}/s.nii.gz",
+            "--labels={unknown_ids}",
+        ],
+        "unknown_ids.nii.gz: label ids [77] outside the model's classes 0..7",
+    ),  # fmt: skip
+    "evaluate nothing": (["evaluate"], "Usage: give --workdir, or --predictions and --labels"),
+    "evaluate a folder that is not a run": (["evaluate", "--workdir={norun}"], "no config.json"),
+    "evaluate a negative tolerance": (
+        ["evaluate", "--workdir={run}", "--nsd_tolerance_mm=-2"],
+        "--nsd_tolerance_mm=-2.0: must be > 0 mm",
+    ),
+    "evaluate missing folders": (
+        ["evaluate", "--predictions={tmp}/nope", "--labels={empty}"],
+        "nope: no such folder",
+    ),
+    "evaluate empty folders": (
+        ["evaluate", "--predictions={empty}", "--labels={empty}"],
+        "empty: no .nii or .nii.gz file",
+    ),
+    "plot without --workdir": (["plot"], "Flag --workdir must have a value"),
+    "plot a folder that is not a run": (["plot", "--workdir={norun}"], "no config.json"),
+    "compare one run": (["compare", "{run}"], "give at least two run workdirs"),
+    "compare runs without reports": (
+        ["compare", "{run}", "{norun}"],
+        "Cannot compare: {run}/eval_cases.json: missing; evaluate the run first",
+    ),
+    "sweep a missing file": (
+        ["sweep", "run", "{tmp}/nope.py", "--runs_dir={tmp}/runs"],
+        "nope.py: no such sweep file",
+    ),
+    "sweep an empty grid": (
+        ["sweep", "run", "{empty_grid}", "--runs_dir={tmp}/runs"],
+        "empty_grid.py: get_sweep() must return a non-empty list",
+    ),
+    "sweep a field typo": (
+        ["sweep", "run", "{typo_grid}", "--runs_dir={tmp}/runs", "--dry_run"],
+        "'train.stepz': configs/default.py has no such field (did you mean 'steps'?)",
+    ),
+    "sweep a grid that raises": (
+        ["sweep", "run", "{broken_grid}", "--runs_dir={tmp}/runs"],
+        "broken_grid.py:3: TypeError: can't multiply sequence",
+    ),
+    "sweep a syntax error": (
+        ["sweep", "report", "{syntax}", "--runs_dir={tmp}/runs"],
+        "syntax.py:2: SyntaxError",
+    ),
+    "sweep no subcommand": (["sweep", "{empty_grid}"], "usage: autocontext sweep run|report"),
+    "phantom no cases": (
+        ["phantom", "--out={tmp}/phantom", "--num_cases=0"],
+        "--num_cases=0: 0 is not a positive integer",
+    ),
+    "phantom into a file": (
+        ["phantom", "--out={text}", "--num_cases=1"],
+        "--out={text}: is a file, not a folder",
+    ),
+    "check a missing scan": (["check", "--scan={tmp}/nope.nii.gz"], "nope.nii.gz: no such file"),
+}
+
+
+@pytest.mark.parametrize("case", list(HOSTILE_COMMANDS))
+def test_every_user_error_of_every_command_is_one_line_without_a_traceback(
+    case, tiny_run, tiny_phantom, tmp_path, monkeypatch
+):
+    from conftest import assert_one_line_error, run_autocontext
+
+    monkeypatch.chdir(REPO)  # the configs/ and sweep paths are relative, as users type them
+    args, expected = HOSTILE_COMMANDS[case]
+    paths = {**_hostile_files(tmp_path, tiny_phantom), "run": tiny_run, "phantom": tiny_phantom}
+    result = run_autocontext(*(arg.format(**paths) for arg in args))
+    assert_one_line_error(result, expected.format(**paths))
+    assert not (tmp_path / "seg.nii.gz").exists() and not (tmp_path / "runs").exists()
+
+
+def test_an_internal_error_keeps_its_traceback(monkeypatch):
+    from conftest import run_autocontext
+
+    def broken(*_):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr("autocontext_jax.cli.compare.load_result", broken)
+    result = run_autocontext("compare", "a", "b")
+    assert result.returncode != 0
+    assert "Traceback" in result.stderr and "KeyError: 'a bug'" in result.stderr
+
+
+def test_a_user_error_is_one_line_and_status_1_in_a_real_process(tmp_path):
+    result = _run(sys.executable, "-m", "autocontext_jax", "compare", str(tmp_path), str(tmp_path))
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"Cannot compare: {tmp_path / 'eval_cases.json'}: missing; evaluate the run first "
+        f"(python -m autocontext_jax.evaluate --workdir {tmp_path})"
+    )
+
+
+@pytest.mark.parametrize("name", list(COMMANDS))
+def test_every_subcommand_help_exits_0_in_process(name):
+    from conftest import run_autocontext
+
+    result = run_autocontext(name, "--help")
+    assert result.returncode == 0, result.stderr
+    assert f"autocontext {name} " in result.stdout and "Flags:" in result.stdout

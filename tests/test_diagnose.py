@@ -105,6 +105,5 @@ def test_the_command_prints_and_writes_the_tables(trained_run):
         [*command[:-1], f"--workdir={trained_run}/nope"], capture_output=True, text=True
     )
     assert missing.returncode != 0
-    assert (
-        missing.stderr.strip().startswith("Cannot diagnose") and "Traceback" not in missing.stderr
-    )
+    assert missing.stderr.strip().startswith("Bad workdir: ") and "nope" in missing.stderr
+    assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -294,7 +294,7 @@ def test_command_line_names_a_missing_checkpoint(tmp_path):
     ]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode != 0
-    assert f"Error: {tmp_path / 'config.json'}: no config.json" in result.stderr
+    assert f"Bad workdir: {tmp_path / 'config.json'}: no config.json" in result.stderr
 
 
 def _nnunet_folder(tiny_phantom, root, cases=2, label_ids=None):

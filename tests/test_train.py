@@ -390,10 +390,10 @@ def test_training_setup_errors_are_one_line_without_a_traceback(case, tiny_phant
     args = ["--config", "configs/default.py", "--workdir", str(workdir)]
     if case == "missing_data_dir":
         args.append(f"--config.data.dir={tmp_path / 'typo'}")
-        expected = f"Bad dataset: {tmp_path / 'typo'}: config.data.dir does not exist"
+        expected = f"Bad input: {tmp_path / 'typo'}: config.data.dir does not exist"
     elif case == "all_cases_held_out":
         args += [f"--config.data.dir={tiny_phantom}", "--config.data.num_val_cases=5"]
-        expected = "Bad dataset: config.data.num_val_cases=5 must leave at least one"
+        expected = "Bad input: config.data.num_val_cases=5 must leave at least one"
     else:
         saved = load_config("default")
         saved.model.width = 4

@@ -38,7 +38,7 @@ from autocontext_jax.data.atomic import (
 from autocontext_jax.evaluation import ablation, compare
 from autocontext_jax.evaluation.figures import ablation_figure
 from autocontext_jax.models.pyramid import CONTEXT_MODES
-from autocontext_jax.training.config_checks import MAX_PYRAMID_LEVELS
+from autocontext_jax.training.config_checks import MAX_PYRAMID_LEVELS, ConfigError
 
 FLAGS = flags.FLAGS
 REPORT_NAME = "ablation"
@@ -161,13 +161,10 @@ def main(argv: list[str]) -> None:
     try:
         grid, runs = grid_runs(FLAGS.config, levels, FLAGS.modes, seeds, overrides, FLAGS.runs_dir)
     except (OSError, AttributeError, ValueError) as error:
-        sys.exit(f"Ablation: {FLAGS.config}: {error}")
+        raise ConfigError(f"{FLAGS.config}: {error}") from error
     failed = 0 if FLAGS.report_only else sweep.launch_runs(grid, runs)
     if FLAGS.report_only or (FLAGS.backend == "local" and not FLAGS.dry_run):
-        try:
-            print(write_report(runs, FLAGS.runs_dir, FLAGS.baseline, FLAGS.test, FLAGS.alpha))
-        except (ablation.AblationError, compare.ComparisonError) as error:
-            sys.exit(f"Ablation {FLAGS.runs_dir}: {error}")
+        print(write_report(runs, FLAGS.runs_dir, FLAGS.baseline, FLAGS.test, FLAGS.alpha))
     if failed:
         sys.exit(f"{failed} of {len(runs)} runs failed")
 

@@ -24,7 +24,13 @@ import nibabel as nib
 import numpy as np
 from absl import flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
+from autocontext_jax.cli.common import (
+    CommandError,
+    fail,
+    no_arguments,
+    quiet_logging,
+    run_command,
+)
 from autocontext_jax.config_files import SHIPPED_CONFIGS, load_config_file
 from autocontext_jax.data.dataset import read_split
 from autocontext_jax.inference import default_options, load_run, predict_file
@@ -43,8 +49,10 @@ REORIENTATION = np.array([[1, -1], [0, 1], [2, 1]])
 PROBABILITY_TOLERANCE = 2e-3
 
 
-class CheckError(Exception):
+class CheckError(CommandError):
     """A step of the check found something wrong; the message says what."""
+
+    prefix = "Check failed at step"
 
 
 def define_flags() -> None:
@@ -202,14 +210,11 @@ def main(argv: list[str]) -> None:
     scan = None if FLAGS.scan is None else pathlib.Path(FLAGS.scan)
     if scan is not None and not scan.is_file():
         fail("--scan", FileNotFoundError(f"{scan}: no such file"))
-    try:
-        if FLAGS.workdir is not None:
-            run_steps(pathlib.Path(FLAGS.workdir), scan)
-        else:
-            with tempfile.TemporaryDirectory(prefix="autocontext_check_") as folder:
-                run_steps(pathlib.Path(folder), scan)
-    except CheckError as failed:
-        fail("Check failed at step", failed)
+    if FLAGS.workdir is not None:
+        run_steps(pathlib.Path(FLAGS.workdir), scan)
+    else:
+        with tempfile.TemporaryDirectory(prefix="autocontext_check_") as folder:
+            run_steps(pathlib.Path(folder), scan)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

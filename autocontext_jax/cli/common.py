@@ -7,14 +7,22 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import jax
 from absl import app, flags, logging
 
 from autocontext_jax import __version__
 from autocontext_jax.config_files import shipped_configs
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.evaluation.ablation import AblationError
+from autocontext_jax.evaluation.compare import ComparisonError
+from autocontext_jax.evaluation.diagnose import DiagnoseError
+from autocontext_jax.training.checkpointing import CheckpointError
+from autocontext_jax.training.config_checks import ConfigError
+from autocontext_jax.training.loop import DivergedError
 
+T = TypeVar("T")
 # absl's own --help exits with status 1 and lists only the flags of the __main__ module, which
 # under a console script or `python -m autocontext_jax` is not the command's module.
 HELP_OPTIONS = ("--help", "-h", "-?", "--helpshort")
@@ -26,10 +34,58 @@ OVERRIDE_HELP = (
 )
 
 
+class CommandError(Exception):
+    """A command's own user error (a sweep file, a failed check); `prefix` starts its line."""
+
+    prefix = "Error"
+
+
+# The errors a user causes and can fix, each shown as one line "PREFIX: message" with exit
+# status 1 by run_command; anything else is a bug and keeps its traceback.
+USER_ERRORS: tuple[tuple[type[Exception], str], ...] = (
+    (app.UsageError, "Usage"),
+    (ConfigError, "Bad configuration"),
+    (DatasetError, "Bad input"),
+    (CheckpointError, "Bad workdir"),
+    (DivergedError, "Training stopped"),
+    (ComparisonError, "Cannot compare"),
+    (AblationError, "Cannot report the ablation"),
+    (DiagnoseError, "Cannot diagnose"),
+)
+
+
+def user_error_line(error: BaseException) -> str | None:
+    """The one line a user error is shown as, or None for an error that is a bug."""
+    if isinstance(error, CommandError):
+        return f"{error.prefix}: {_one_line(error)}"
+    for kind, prefix in USER_ERRORS:
+        if isinstance(error, kind):
+            hint = " (--help lists the flags)" if kind is app.UsageError else ""
+            return f"{prefix}: {_one_line(error)}{hint}"
+    return None
+
+
+def _no_backend(error: Exception) -> bool:
+    # JAX raises this at the first device use when the --platform has no device.
+    return isinstance(error, RuntimeError) and "Unable to initialize backend" in str(error)
+
+
 def no_arguments(argv: list[str]) -> None:
     """Refuse positional arguments a command does not take."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+
+
+def checked_flag(check: Callable[[], T], flag: str | None = None) -> T:
+    """What `check()` returns; its ValueError a usage error naming --FLAG.
+
+    For flag values only the loaded run can judge, such as a label map's classes. Without
+    `flag`, the message names the option itself (`tile_size=7: ...` is --tile_size).
+    """
+    try:
+        return check()
+    except ValueError as error:
+        raise app.UsageError(f"--{flag}: {error}" if flag else f"--{error}") from error
 
 
 def quiet_logging() -> None:
@@ -153,6 +209,9 @@ def run_command(
     """Define the command's flags, answer --help and --version (status 0), else run `main`.
 
     A command that `computes` also takes --platform, applied before `main` touches JAX.
+    Every user error `main` raises (USER_ERRORS, CommandError) ends the command with one
+    line on standard error and exit status 1; any other exception is a bug and shows its
+    traceback.
     """
     argv = list(sys.argv if argv is None else argv)
     before = set(flags.FLAGS)
@@ -176,16 +235,17 @@ def run_command(
 
     def start(remaining: list[str]) -> None:
         quiet_start_up()
-        if not computes:
-            main(remaining)
-            return
-        use_platform(flags.FLAGS.platform)
+        if computes:
+            use_platform(flags.FLAGS.platform)
         try:
             main(remaining)
-        except RuntimeError as error:
-            # JAX raises this at the first device use when the platform has no device.
-            if "Unable to initialize backend" not in str(error):
+        except Exception as error:
+            line = user_error_line(error)
+            if line is None and computes and _no_backend(error):
+                line = f"--platform={flags.FLAGS.platform}: {str(error).splitlines()[0]}"
+            if line is None:
                 raise
-            fail(f"--platform={flags.FLAGS.platform}", RuntimeError(str(error).splitlines()[0]))
+            # absl would print a UsageError after the __main__ module's docstring and flags.
+            sys.exit(line)
 
     app.run(start, argv=argv, flags_parser=parse_flags)

@@ -12,9 +12,8 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from autocontext_jax.cli.common import fail, run_command
+from autocontext_jax.cli.common import run_command
 from autocontext_jax.evaluation.compare import (
-    ComparisonError,
     compare,
     comparison_markdown,
     load_result,
@@ -38,13 +37,8 @@ def main(argv: list[str]) -> None:
     workdirs = argv[1:]
     if len(workdirs) < 2:
         raise app.UsageError("give at least two run workdirs, the baseline first")
-    try:
-        results = {
-            name: load_result(w) for name, w in zip(run_names(workdirs), workdirs, strict=True)
-        }
-        comparison = compare(results, FLAGS.metric, FLAGS.all_levels)
-    except ComparisonError as error:
-        fail("Cannot compare", error)
+    results = {name: load_result(w) for name, w in zip(run_names(workdirs), workdirs, strict=True)}
+    comparison = compare(results, FLAGS.metric, FLAGS.all_levels)
     print(comparison_markdown(comparison))
 
 

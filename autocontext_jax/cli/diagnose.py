@@ -16,15 +16,13 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
-from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.cli.common import no_arguments, quiet_logging, run_command
 from autocontext_jax.evaluation.diagnose import (
     JSON_FILE,
     MARKDOWN_FILE,
-    DiagnoseError,
     diagnose_workdir,
 )
-from autocontext_jax.inference import CheckpointError, load_run
+from autocontext_jax.inference import load_run
 
 FLAGS = flags.FLAGS
 
@@ -41,10 +39,7 @@ def main(argv: list[str]) -> None:
     """Diagnose the run's newest checkpoint, print the tables, write them into the workdir."""
     no_arguments(argv)
     quiet_logging()
-    try:
-        _, text = diagnose_workdir(load_run(FLAGS.workdir), FLAGS.train_cases)
-    except (CheckpointError, DatasetError, DiagnoseError) as error:
-        fail("Cannot diagnose", error)
+    _, text = diagnose_workdir(load_run(FLAGS.workdir), FLAGS.train_cases)
     print(text)
     print(f"Wrote {MARKDOWN_FILE} and {JSON_FILE} into {FLAGS.workdir}")
 

@@ -17,13 +17,11 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
-from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.cli.common import checked_flag, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.labels import LABEL_MAP_PRESETS, NUM_PAPER_CLASSES, parse_label_map
 from autocontext_jax.evaluation.evaluate import evaluate_workdir
 from autocontext_jax.evaluation.folders import SUMMARY_FILE, evaluate_folders, write_summary
 from autocontext_jax.evaluation.reports import summary_markdown
-from autocontext_jax.inference import CheckpointError
 from autocontext_jax.training.checkpointing import DEFAULT_NSD_TOLERANCE_MM
 
 FLAGS = flags.FLAGS
@@ -53,6 +51,9 @@ def define_flags() -> None:
         f"Surface Dice tolerance in mm (default: the run's config, {DEFAULT_NSD_TOLERANCE_MM:g} "
         "for folders).",
     )
+    flags.register_validator(
+        "nsd_tolerance_mm", lambda value: value is None or value > 0, "must be > 0 mm"
+    )
 
 
 def evaluate_predictions() -> None:
@@ -63,16 +64,15 @@ def evaluate_predictions() -> None:
     if tolerance is None:
         tolerance = DEFAULT_NSD_TOLERANCE_MM
     path = pathlib.Path(FLAGS.summary or pathlib.Path(FLAGS.predictions) / SUMMARY_FILE)
-    try:
-        label_map = ()
-        if FLAGS.label_map is not None:
-            label_map = parse_label_map(FLAGS.label_map, FLAGS.num_classes)
-        result = evaluate_folders(
-            FLAGS.predictions, FLAGS.labels, FLAGS.num_classes, label_map, "background", tolerance
+    label_map = ()
+    if FLAGS.label_map is not None:
+        label_map = checked_flag(
+            lambda: parse_label_map(FLAGS.label_map, FLAGS.num_classes), "label_map"
         )
-        write_summary(path, result)
-    except (DatasetError, ValueError) as error:
-        fail("Cannot evaluate", error)
+    result = evaluate_folders(
+        FLAGS.predictions, FLAGS.labels, FLAGS.num_classes, label_map, "background", tolerance
+    )
+    write_summary(path, result)
     print(summary_markdown(result))
     print(f"Wrote {path}")
 
@@ -86,10 +86,7 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("give --workdir, or --predictions and --labels")
         evaluate_predictions()
         return
-    try:
-        result = evaluate_workdir(FLAGS.workdir, FLAGS.data, FLAGS.nsd_tolerance_mm)
-    except (CheckpointError, DatasetError) as error:
-        fail("Cannot evaluate", error)
+    result = evaluate_workdir(FLAGS.workdir, FLAGS.data, FLAGS.nsd_tolerance_mm)
     print(summary_markdown(result))
     print(f"Wrote eval_cases.json and eval_summary.{{md,csv,json}} into {FLAGS.workdir}")
 

@@ -13,9 +13,7 @@ from collections.abc import Sequence
 from absl import flags
 
 from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
-from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation.figures import plot_run
-from autocontext_jax.inference import CheckpointError
 
 FLAGS = flags.FLAGS
 
@@ -33,7 +31,8 @@ def main(argv: list[str]) -> None:
     quiet_logging()
     try:
         paths = plot_run(FLAGS.workdir, FLAGS.case, FLAGS.data)
-    except (CheckpointError, DatasetError, ImportError) as error:
+    except ImportError as error:
+        # matplotlib is an optional extra; the message says how to install it.
         fail("Cannot plot", error)
     for path in paths:
         print(path)

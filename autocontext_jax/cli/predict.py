@@ -22,8 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 from absl import app, flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
-from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.cli.common import checked_flag, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.labels import LABEL_MAP_PRESETS, parse_label_map
 from autocontext_jax.data.nifti import read_scan
 from autocontext_jax.evaluation.folders import (
@@ -36,7 +35,6 @@ from autocontext_jax.evaluation.folders import (
 from autocontext_jax.evaluation.reports import summary_markdown
 from autocontext_jax.inference import (
     WEIGHTINGS,
-    CheckpointError,
     PredictionJob,
     check_options,
     checkpoint_time,
@@ -111,91 +109,90 @@ def main(argv: list[str]) -> None:
             raise app.UsageError(f"--{name} is required")
     quiet_logging()
     scores = {}
-    try:
-        trained = load_run(FLAGS.workdir, FLAGS.step)
-        options = default_options(
-            trained.config,
-            tile_size=FLAGS.tile_size,
-            overlap=FLAGS.overlap,
-            weighting=FLAGS.weighting,
-            mirror=FLAGS.mirror,
-            tiles_per_batch=FLAGS.tiles_per_batch,
+    trained = load_run(FLAGS.workdir, FLAGS.step)
+    options = default_options(
+        trained.config,
+        tile_size=FLAGS.tile_size,
+        overlap=FLAGS.overlap,
+        weighting=FLAGS.weighting,
+        mirror=FLAGS.mirror,
+        tiles_per_batch=FLAGS.tiles_per_batch,
+    )
+    checked_flag(lambda: check_options(options, trained.model.num_poolings))
+    label_map, unmapped = trained.label_map, trained.unmapped_labels
+    if FLAGS.label_map is not None:
+        label_map = checked_flag(
+            lambda: parse_label_map(FLAGS.label_map, trained.num_classes), "label_map"
         )
-        check_options(options, trained.model.num_poolings)
-        label_map, unmapped = trained.label_map, trained.unmapped_labels
-        if FLAGS.label_map is not None:
-            label_map = parse_label_map(FLAGS.label_map, trained.num_classes)
-            unmapped = "background"
-        tolerance = trained.config.eval.nsd_tolerance_mm
-        input_path = pathlib.Path(FLAGS.input)
-        jobs = list_inputs(input_path, pathlib.Path(FLAGS.output))
-        references = {}
-        if FLAGS.labels is not None:
-            references = reference_files(jobs, pathlib.Path(FLAGS.labels))
-        check_outputs(
-            jobs,
-            trained.model.num_levels,
-            FLAGS.save_probabilities,
-            FLAGS.save_levels,
-            protected=list(references.values()),
-        )
-        done = []
-        if FLAGS["continue"].value:
-            written = checkpoint_time(trained)
-            done = [job for job in jobs if predicted_after(job, written)]
-        print(f"Step {trained.step} of {FLAGS.workdir}; tiles of {options.tile_size}^3", flush=True)
-        if done:
-            print(f"--continue: {len(done)} of {len(jobs)} cases predicted after step "
-                  f"{trained.step}'s checkpoint, kept as they are", flush=True)  # fmt: skip
-        for job in done:
-            if job.input in references:
-                # The kept output is scored again, so summary.json covers every case.
-                scores[job.case] = score_label_file(
-                    job.output,
-                    references[job.input],
-                    read_scan(job.input).geometry,
-                    trained.num_classes,
-                    label_map,
-                    unmapped,
-                    tolerance,
-                )
-        todo = [job for job in jobs if job not in done]
-        for finished in predict_jobs(
-            trained,
-            todo,
-            options,
-            save_probabilities=FLAGS.save_probabilities,
-            save_levels=FLAGS.save_levels,
-        ):
-            line = (
-                f"{finished.case}: {finished.output}, {finished.segmentation.tiles} tiles in "
-                f"{finished.seconds:.1f} s"
-            )
-            if finished.input in references:
-                scores[finished.case] = score_labels(
-                    finished.segmentation.finest,
-                    references[finished.input],
-                    finished.segmentation.geometry,
-                    trained.num_classes,
-                    label_map,
-                    unmapped,
-                    tolerance,
-                )
-                line += f", mean Dice {100 * np.mean(scores[finished.case]['dice']):.1f} %"
-            print(line, flush=True)
-        if references:
-            result = folder_result(
-                [job.case for job in jobs],
-                [scores[job.case] for job in jobs],
-                trained.class_names[1:],
+        unmapped = "background"
+    tolerance = trained.config.eval.nsd_tolerance_mm
+    input_path = pathlib.Path(FLAGS.input)
+    jobs = list_inputs(input_path, pathlib.Path(FLAGS.output))
+    references = {}
+    if FLAGS.labels is not None:
+        references = reference_files(jobs, pathlib.Path(FLAGS.labels))
+    check_outputs(
+        jobs,
+        trained.model.num_levels,
+        FLAGS.save_probabilities,
+        FLAGS.save_levels,
+        protected=list(references.values()),
+    )
+    done = []
+    if FLAGS["continue"].value:
+        written = checkpoint_time(trained)
+        done = [job for job in jobs if predicted_after(job, written)]
+    print(f"Step {trained.step} of {FLAGS.workdir}; tiles of {options.tile_size}^3", flush=True)
+    if done:
+        print(f"--continue: {len(done)} of {len(jobs)} cases predicted after step "
+              f"{trained.step}'s checkpoint, kept as they are", flush=True)  # fmt: skip
+    for job in done:
+        if job.input in references:
+            # The kept output is scored again, so summary.json covers every case.
+            scores[job.case] = score_label_file(
+                job.output,
+                references[job.input],
+                read_scan(job.input).geometry,
+                trained.num_classes,
+                label_map,
+                unmapped,
                 tolerance,
             )
-            path = summary_path(input_path, jobs)
-            write_summary(path, result)
-            print(summary_markdown(result))
-            print(f"Wrote {path}")
-    except (CheckpointError, DatasetError, ValueError) as error:
-        fail("Error", error)
+    todo = [job for job in jobs if job not in done]
+    for finished in predict_jobs(
+        trained,
+        todo,
+        options,
+        save_probabilities=FLAGS.save_probabilities,
+        save_levels=FLAGS.save_levels,
+    ):
+        line = (
+            f"{finished.case}: {finished.output}, {finished.segmentation.tiles} tiles in "
+            f"{finished.seconds:.1f} s"
+        )
+        if finished.input in references:
+            scores[finished.case] = score_labels(
+                finished.segmentation.finest,
+                references[finished.input],
+                finished.segmentation.geometry,
+                trained.num_classes,
+                label_map,
+                unmapped,
+                tolerance,
+            )
+            line += f", mean Dice {100 * np.mean(scores[finished.case]['dice']):.1f} %"
+        print(line, flush=True)
+    if references:
+        result = folder_result(
+            [job.case for job in jobs],
+            [scores[job.case] for job in jobs],
+            trained.class_names[1:],
+            tolerance,
+        )
+        path = summary_path(input_path, jobs)
+        write_summary(path, result)
+        print(summary_markdown(result))
+        print(f"Wrote {path}")
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -9,20 +9,14 @@ the run's own split (`data.split_seed`), as in training.
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Sequence
 
 from absl import app, flags
 from ml_collections import config_flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
+from autocontext_jax.cli.common import no_arguments, quiet_logging, run_command
 from autocontext_jax.data.cache import cache_dir
-from autocontext_jax.data.errors import DatasetError
-from autocontext_jax.training.config_checks import (
-    ConfigError,
-    fit_to_run_length,
-    validate_config,
-)
+from autocontext_jax.training.config_checks import fit_to_run_length, validate_config
 from autocontext_jax.training.loop import preprocess_dataset
 
 FLAGS = flags.FLAGS
@@ -41,16 +35,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--config is required, e.g. --config configs/default.py")
     # Training would fit a short run's intervals (and say so); the cache does not care.
     config, _ = fit_to_run_length(config)
-    try:
-        # The device count only matters to the batch size, which preprocessing ignores.
-        validate_config(config, 1)
-    except ConfigError as error:
-        sys.exit(f"Bad configuration: {error}")
+    # The device count only matters to the batch size, which preprocessing ignores.
+    validate_config(config, 1)
     quiet_logging()
-    try:
-        plan, cached, train_files, val_files = preprocess_dataset(config)
-    except DatasetError as error:
-        fail("Bad dataset", error)
+    plan, cached, train_files, val_files = preprocess_dataset(config)
     print(
         f"{len(cached)} of {len(train_files) + len(val_files)} cases preprocessed in "
         f"{cache_dir(config.data)}: spacing {plan.target_spacing} mm, "

@@ -22,19 +22,22 @@ of the keys whose values differ between runs.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import itertools
 import os
 import pathlib
 import shlex
 import subprocess
 import sys
+import traceback
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import ml_collections
 from absl import app, flags
 
-from autocontext_jax.cli.common import run_command
-from autocontext_jax.config_files import load_python_file
+from autocontext_jax.cli.common import CommandError, run_command
+from autocontext_jax.config_files import load_config_file, load_python_file
 from autocontext_jax.data.atomic import write_text_atomically
 from autocontext_jax.evaluation import compare
 from autocontext_jax.evaluation.metrics import METRIC_NAMES
@@ -43,8 +46,10 @@ FLAGS = flags.FLAGS
 BACKENDS = ("local", "tpu", "slurm")
 
 
-class SweepError(ValueError):
+class SweepError(CommandError, ValueError):
     """A sweep file or a sweep's runs cannot be used; the message names the file."""
+
+    prefix = "Bad sweep"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,15 +80,53 @@ def load_sweep(path: str | os.PathLike) -> Sweep:
     path = pathlib.Path(path)
     if not path.is_file():
         raise SweepError(f"{path}: no such sweep file")
-    module = load_python_file(path)
-    if not isinstance(getattr(module, "CONFIG", None), str) or not callable(
-        getattr(module, "get_sweep", None)
+    try:
+        module = load_python_file(path)
+        if not isinstance(getattr(module, "CONFIG", None), str) or not callable(
+            getattr(module, "get_sweep", None)
+        ):
+            raise SweepError(f"{path}: a sweep file defines CONFIG (a config path) and get_sweep()")
+        overrides = module.get_sweep()
+    except SweepError:
+        raise
+    except Exception as error:  # the user's own code failed: where and why is the message
+        raise SweepError(f"{path}{_line_of(error, path)}: {type(error).__name__}: {error}") from (
+            error
+        )
+    if (
+        not isinstance(overrides, list | tuple)
+        or not overrides
+        or not all(isinstance(o, dict) and all(isinstance(k, str) for k in o) for o in overrides)
     ):
-        raise SweepError(f"{path}: a sweep file defines CONFIG (a config path) and get_sweep()")
-    overrides = module.get_sweep()
-    if not overrides or not all(isinstance(o, dict) for o in overrides):
-        raise SweepError(f"{path}: get_sweep() must return a non-empty list of override dicts")
+        raise SweepError(
+            f"{path}: get_sweep() must return a non-empty list of dicts of config field "
+            f"names such as 'pyramid.levels', got {overrides!r:.80}"
+        )
     return Sweep(module.CONFIG, tuple(dict(o) for o in overrides))
+
+
+def _line_of(error: Exception, path: pathlib.Path) -> str:
+    # The line of the sweep file the error arose on, as ":LINE" (a SyntaxError carries it).
+    if isinstance(error, SyntaxError) and error.lineno is not None:
+        return f":{error.lineno}"
+    lines = [f.lineno for f in traceback.extract_tb(error.__traceback__) if f.filename == str(path)]
+    return f":{lines[-1]}" if lines else ""
+
+
+def check_fields(sweep: Sweep) -> None:
+    """Refuse, before any run starts, a CONFIG that does not load or a field it lacks."""
+    if not pathlib.Path(sweep.config).is_file():
+        raise SweepError(f"CONFIG = {sweep.config!r}: no such config file in {os.getcwd()}")
+    config = load_config_file(sweep.config)
+    for key in dict.fromkeys(key for overrides in sweep.overrides for key in overrides):
+        node = config
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+                known = list(node) if isinstance(node, ml_collections.ConfigDict) else []
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise SweepError(f"{key!r}: {sweep.config} has no such field{hint}")
+            node = node[part]
 
 
 def run_name(overrides: Mapping[str, Any], varying: Sequence[str]) -> str:
@@ -265,19 +308,17 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("usage: autocontext sweep run|report SWEEP_FILE --runs_dir DIR")
     if FLAGS.runs_dir is None:
         raise app.UsageError("--runs_dir is required: the folder of the sweep's workdirs")
-    try:
-        sweep = load_sweep(argv[2])
-        runs = expand(sweep, FLAGS.runs_dir)
-        if argv[1] == "report":
-            print(report(runs, FLAGS.report_metric))
-            return
-        failed = launch_runs(sweep, runs)
-        if failed:
-            sys.exit(f"{failed} of {len(runs)} runs failed")
-        if FLAGS.backend == "local" and not FLAGS.dry_run:
-            print(report(runs, FLAGS.report_metric))
-    except (SweepError, compare.ComparisonError) as error:
-        sys.exit(f"Sweep {argv[2]}: {error}")
+    sweep = load_sweep(argv[2])
+    runs = expand(sweep, FLAGS.runs_dir)
+    if argv[1] == "report":
+        print(report(runs, FLAGS.report_metric))
+        return
+    check_fields(sweep)
+    failed = launch_runs(sweep, runs)
+    if failed:
+        sys.exit(f"{failed} of {len(runs)} runs failed")
+    if FLAGS.backend == "local" and not FLAGS.dry_run:
+        print(report(runs, FLAGS.report_metric))
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -13,7 +13,6 @@ cases through the same road from scan to labels as `predict`.
 from __future__ import annotations
 
 import os
-import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,9 +21,8 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autocontext_jax.cli.common import fail, quiet_logging, run_command
+from autocontext_jax.cli.common import quiet_logging, run_command
 from autocontext_jax.data.dataset import read_split
-from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.evaluation.evaluate import evaluate_run, held_out_cases
 from autocontext_jax.evaluation.reports import summary_markdown
@@ -32,13 +30,8 @@ from autocontext_jax.inference import load_run
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import abstract_variables, count_parameters
 from autocontext_jax.training import multihost
-from autocontext_jax.training.checkpointing import CheckpointError
-from autocontext_jax.training.config_checks import (
-    ConfigError,
-    fit_to_run_length,
-    validate_config,
-)
-from autocontext_jax.training.loop import DivergedError, train
+from autocontext_jax.training.config_checks import fit_to_run_length, validate_config
+from autocontext_jax.training.loop import train
 
 FLAGS = flags.FLAGS
 
@@ -131,10 +124,7 @@ def main(argv: list[str]) -> None:
     if jax.process_index() == 0:
         for note in notes:
             print(note, flush=True)
-    try:
-        validate_config(config, jax.device_count())
-    except ConfigError as error:
-        sys.exit(f"Bad configuration: {error}")
+    validate_config(config, jax.device_count())
     if FLAGS.dry_run:
         print(describe_model(config))
         return
@@ -143,15 +133,11 @@ def main(argv: list[str]) -> None:
         logging.set_verbosity(logging.ERROR)
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required to train, e.g. --workdir runs/default")
+    if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
+        raise app.UsageError(f"--workdir={FLAGS.workdir}: is a file, not a folder")
     enable_compilation_cache(FLAGS.compilation_cache)
-    try:
-        train_and_evaluate(config, FLAGS.workdir)
-    except DatasetError as error:
-        fail("Bad dataset", error)
-    except CheckpointError as error:
-        fail("Bad workdir", error)
-    except DivergedError as error:
-        fail("Training stopped", error)
+    # A bad dataset or workdir, or a diverged run, is one line (cli.common.USER_ERRORS).
+    train_and_evaluate(config, FLAGS.workdir)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

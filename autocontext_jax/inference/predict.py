@@ -130,6 +130,10 @@ def list_inputs(input_path: pathlib.Path, output_path: pathlib.Path) -> list[Pre
     A folder's cases are written as OUTPUT/CASE.nii.gz; a folder holding no scan file is
     one DICOM series, its case the folder's name.
     """
+    if input_path.is_dir() and not any(input_path.iterdir()):
+        raise DatasetError(
+            f"{input_path}: empty folder; expected scan files (CASE_0000.nii.gz) or a DICOM series"
+        )
     if input_path.is_dir() and not is_dicom_folder(input_path):
         files = sorted(p for p in input_path.iterdir() if is_scan_name(p) and p.is_file())
         if output_path.exists() and not output_path.is_dir():
@@ -200,6 +204,8 @@ def reference_files(
     In a folder, case `case` (from `case_0000.nii.gz`) has `case.nii.gz` (or `.nii`), or
     failing that a file of the input's own name.
     """
+    if not labels.exists():
+        raise DatasetError(f"{labels}: no such label file or folder")
     if len(jobs) > 1 and not labels.is_dir():
         raise DatasetError(f"{labels}: must be a folder when --input is a folder")
     found = {}
