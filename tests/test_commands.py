@@ -299,6 +299,15 @@ HOSTILE_COMMANDS = {
         "--out={text}: is a file, not a folder",
     ),
     "check a missing scan": (["check", "--scan={tmp}/nope.nii.gz"], "nope.nii.gz: no such file"),
+    "diagnose a folder that is no run": (["diagnose", "--workdir={tmp}"], "Bad workdir: "),
+    "ablation an unknown mode": (
+        ["ablation", "--config=configs/default.py", "--modes=nope", "--runs_dir={tmp}/runs"],
+        "--modes: 'nope' is not one of",
+    ),
+    "ablation a report of runs never made": (
+        ["ablation", "--config=configs/default.py", "--runs_dir={tmp}/runs", "--report_only"],
+        "Cannot report the ablation: no evaluated run to report on",
+    ),
 }
 
 
