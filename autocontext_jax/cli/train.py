@@ -32,7 +32,7 @@ from autocontext_jax.inference import load_run
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import abstract_variables, count_parameters
 from autocontext_jax.training import multihost
-from autocontext_jax.training.checkpointing import CheckpointError
+from autocontext_jax.training.checkpointing import CheckpointError, SaveError
 from autocontext_jax.training.config_checks import (
     ConfigError,
     fit_to_run_length,
@@ -152,6 +152,8 @@ def main(argv: list[str]) -> None:
         fail("Bad workdir", error)
     except DivergedError as error:
         fail("Training stopped", error)
+    except SaveError as error:
+        fail("Checkpoint not saved", error)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

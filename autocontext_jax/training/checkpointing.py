@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
+import shutil
 from typing import Any
 
 import grain
@@ -26,6 +28,14 @@ DEFAULT_NSD_TOLERANCE_MM = 2.0
 
 class CheckpointError(ValueError):
     """A workdir has no usable checkpoint or config; the message names the path."""
+
+
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (a full disk, say); the message names it and why."""
+
+
+# Orbax writes step N into N.orbax-checkpoint-tmp... and renames it when it commits.
+_PARTIAL_STEP = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
 
 
 # Fields that fix the shapes of the saved parameters: a resumed run must not change them.
@@ -53,6 +63,69 @@ def make_manager(
     return ocp.CheckpointManager(
         pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR, options=options
     )
+
+
+def save(
+    manager: ocp.CheckpointManager, step: int, args: ocp.args.Composite, force: bool = False
+) -> None:
+    """Start saving `step` in the background, after the previous save has committed.
+
+    Raises SaveError, naming the checkpoint and the cause, if this or the previous save
+    failed; the failed save's partial folder is removed.
+    """
+    finish_saves(manager, step)
+    try:
+        manager.save(step, args=args, force=force)
+    except Exception as error:  # the blocking part of a save failed (e.g. no disk space)
+        raise _save_failed(manager, step, error) from error
+
+
+def check_saves(manager: ocp.CheckpointManager, step: int) -> None:
+    """Raise SaveError if a background save has failed; cheap enough for every step.
+
+    A save still in progress is not waited for: this only reads a flag of the manager.
+    """
+    if not manager.is_saving_in_progress():
+        finish_saves(manager, step)
+
+
+def finish_saves(manager: ocp.CheckpointManager, step: int) -> None:
+    """Wait for the save in progress to commit; SaveError if it failed (noticed at `step`)."""
+    try:
+        manager.wait_until_finished()
+    except Exception as error:  # whatever the handlers or the file system raised
+        raise _save_failed(manager, step, error) from error
+
+
+def _save_failed(manager: ocp.CheckpointManager, step: int, error: BaseException) -> SaveError:
+    """The SaveError of a failed save, after removing its partial folder (process 0)."""
+    directory = pathlib.Path(manager.directory)
+    partial = [p for p in directory.glob("*") if _PARTIAL_STEP.match(p.name)]
+    failed = sorted(int(_PARTIAL_STEP.match(p.name)[1]) for p in partial)
+    if jax.process_index() == 0:
+        # A full disk stays full while the partial folder is kept.
+        for folder in partial:
+            shutil.rmtree(folder, ignore_errors=True)
+    what = (
+        f"the checkpoint of step {failed[-1]} could not be written to {directory / str(failed[-1])}"
+        if failed
+        else f"a checkpoint could not be written to {directory}"
+    )
+    manager.reload()
+    kept = manager.latest_step()
+    last = f"the checkpoint of step {kept} is the last saved" if kept is not None else "none saved"
+    return SaveError(
+        f"{what} (noticed at step {step}): {_root_cause(error)}; its partial folder was "
+        f"removed; {last}"
+    )
+
+
+def _root_cause(error: BaseException) -> str:
+    """`Type: message` of the innermost exception of a chain, on one line."""
+    while error.__cause__ is not None or error.__context__ is not None:
+        error = error.__cause__ or error.__context__
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
 
 
 def save_args(state: Any, pipeline_state: dict) -> ocp.args.Composite:

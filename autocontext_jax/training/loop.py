@@ -200,11 +200,14 @@ def train_loop(
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = train_step(state, next(batches), rng)
             first_bad = _track_first_bad_step(first_bad, metrics.pop("finite"), step)
+            # A background save that failed (a full disk) stops the run now, not at the next
+            # save; reading the manager's flag costs no synchronisation with the device.
+            checkpointing.check_saves(manager, step)
             if step % config.train.checkpoint_every == 0:
                 # The save waits for the state anyway; only finite states are saved, so
                 # the checkpoints it rotates out are never traded for a bad one.
                 _stop_if_diverged(first_bad, step, manager)
-                manager.save(step, args=save_args(state, step))
+                checkpointing.save(manager, step, save_args(state, step))
             progress.update(1)
             if step % config.train.log_every == 0 or step == config.train.steps:
                 # The only host synchronisation of the loop besides the saves.
@@ -216,8 +219,11 @@ def train_loop(
                 progress.set_postfix(_progress_postfix(values))
                 writer.write_scalars(step, values)
         _stop_if_diverged(first_bad, int(state.step), manager)
-        if manager.latest_step() != int(state.step):
-            manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
+        final = int(state.step)
+        checkpointing.finish_saves(manager, final)
+        if manager.latest_step() != final:
+            checkpointing.save(manager, final, save_args(state, final), force=True)
+        checkpointing.finish_saves(manager, final)
     finally:
         progress.close()
         writer.close()
