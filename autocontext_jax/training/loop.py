@@ -260,13 +260,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     optimizer = make_optimizer(config.train)
     mesh = parallel.make_mesh()
     manager = checkpointing.make_manager(workdir, config)
-    state, restored_step = restore_or_create_state(
+    state, restored_step, saved_pipeline = restore_or_create_state(
         manager, model, optimizer, config.seed, parallel.replicated(mesh)
     )
-    saved_pipeline = None
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
-        saved_pipeline = checkpointing.restore_pipeline_state(manager, restored_step)
     host_batches = train_batches(
         sampler,
         config,
