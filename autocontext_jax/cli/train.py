@@ -13,6 +13,7 @@ cases through the same road from scan to labels as `predict`.
 from __future__ import annotations
 
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -39,6 +40,7 @@ from autocontext_jax.training.config_checks import (
     validate_config,
 )
 from autocontext_jax.training.loop import DivergedError, train
+from autocontext_jax.training.preemption import StoppedBySignalError
 
 FLAGS = flags.FLAGS
 
@@ -154,6 +156,15 @@ def main(argv: list[str]) -> None:
         fail("Training stopped", error)
     except SaveError as error:
         fail("Checkpoint not saved", error)
+    except StoppedBySignalError as stopped:
+        if jax.process_index() == 0:
+            # The same command resumes: the run continues from its workdir's checkpoint.
+            print(
+                f"Training {stopped}. Resume with: {shlex.join(sys.orig_argv)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        sys.exit(stopped.exit_code)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

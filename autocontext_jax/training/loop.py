@@ -27,7 +27,7 @@ from autocontext_jax.data.pipeline import (
 )
 from autocontext_jax.data.plan import Plan, save_run_plan
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, logs, parallel
+from autocontext_jax.training import checkpointing, logs, parallel, preemption
 from autocontext_jax.training.config_checks import validate_config
 from autocontext_jax.training.state import TrainState, make_optimizer, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
@@ -175,12 +175,15 @@ def train_loop(
     manager: ocp.CheckpointManager,
     rng: jax.Array,
     pipeline_state: Callable[[int], dict] | None = None,
+    stop: preemption.StopSignals | None = None,
 ) -> TrainState:
     """Run the steps from state.step to train.steps, logging and checkpointing as configured.
 
     `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
-    checkpoint of step k.
+    checkpoint of step k. When `stop` says so after a step (a SIGTERM), that step is saved
+    and preemption.StoppedBySignalError raised.
     """
+    stop = stop or preemption.StopSignals()
 
     def save_args(state: TrainState, step: int):
         return checkpointing.save_args(state, pipeline_state(step) if pipeline_state else {})
@@ -218,6 +221,15 @@ def train_loop(
                 last_time, last_step = now, step
                 progress.set_postfix(_progress_postfix(values))
                 writer.write_scalars(step, values)
+            if step < config.train.steps and stop.stop_at(step):
+                # Saved as at the end of a run: finite states only, and committed before
+                # the process exits.
+                _stop_if_diverged(first_bad, step, manager)
+                if manager.latest_step() != step:
+                    checkpointing.save(manager, step, save_args(state, step), force=True)
+                checkpointing.finish_saves(manager, step)
+                checkpoint = str(manager.directory / str(step))
+                raise preemption.StoppedBySignalError(step, stop.received, checkpoint)
         _stop_if_diverged(first_bad, int(state.step), manager)
         final = int(state.step)
         checkpointing.finish_saves(manager, final)
@@ -277,9 +289,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     rng = parallel.replicated_key(config.seed + 1, mesh)
     try:
-        state = train_loop(
-            config, workdir, state, train_step, batches, manager, rng, host_batches.state_at
-        )
+        # Before the steps a signal ends the process as usual: nothing is lost but the
+        # preparation (the cache is written atomically).
+        with preemption.StopSignals() as stop:
+            state = train_loop(
+                config,
+                workdir,
+                state,
+                train_step,
+                batches,
+                manager,
+                rng,
+                host_batches.state_at,
+                stop,
+            )
     finally:
         manager.close()
     return int(state.step)
