@@ -15,7 +15,7 @@ import pytest
 from autocontext_jax import inference
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, loop, parallel
+from autocontext_jax.training import checkpointing, loop, parallel, workdir_lock
 from autocontext_jax.training.state import make_optimizer, restore_or_create_state
 
 
@@ -213,3 +213,9 @@ def test_a_checkpoint_written_before_the_checksums_still_loads_with_a_note(
     _, step, _ = _restore_for_training(workdir)
     assert step == 4
     assert "step 4 has no sha256.json" in capsys.readouterr().err
+
+
+def test_a_run_loads_while_another_trains_in_its_workdir(two_checkpoints):
+    # evaluate, predict and plot only read: the training lock does not stop them.
+    with workdir_lock.hold(two_checkpoints):
+        assert inference.load_run(two_checkpoints).step == 4

@@ -41,6 +41,7 @@ from autocontext_jax.training.config_checks import (
 )
 from autocontext_jax.training.loop import DivergedError, train
 from autocontext_jax.training.preemption import StoppedBySignalError
+from autocontext_jax.training.workdir_lock import WorkdirBusyError
 
 FLAGS = flags.FLAGS
 
@@ -156,6 +157,8 @@ def main(argv: list[str]) -> None:
         fail("Training stopped", error)
     except SaveError as error:
         fail("Checkpoint not saved", error)
+    except WorkdirBusyError as error:
+        fail("Workdir in use", error)
     except StoppedBySignalError as stopped:
         if jax.process_index() == 0:
             # The same command resumes: the run continues from its workdir's checkpoint.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import pathlib
 import time
@@ -27,7 +28,7 @@ from autocontext_jax.data.pipeline import (
 )
 from autocontext_jax.data.plan import Plan, save_run_plan
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, logs, parallel, preemption
+from autocontext_jax.training import checkpointing, logs, parallel, preemption, workdir_lock
 from autocontext_jax.training.config_checks import validate_config
 from autocontext_jax.training.state import TrainState, make_optimizer, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
@@ -264,6 +265,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     config = absolute_paths(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        # One writer per workdir (process 0 writes for the run), from before the config is
+        # written to after the last checkpoint commits.
+        if jax.process_index() == 0:
+            note = held.enter_context(workdir_lock.hold(workdir))
+            if note:
+                _say(note)
+        return _train_in(config, workdir)
+
+
+def _train_in(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+    """`train`'s work once the workdir is held."""
     if jax.process_index() == 0:
         checkpointing.write_config(workdir, config)
     sampler, _ = prepare_data(config, workdir)
