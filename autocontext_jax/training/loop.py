@@ -200,18 +200,21 @@ def train_loop(
     writer = logs.MetricWriter(workdir, start_step=start_step)
     last_time, last_step = time.perf_counter(), start_step
     first_bad = np.int32(-1)
+    saving = False
     try:
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = train_step(state, next(batches), rng)
             first_bad = _track_first_bad_step(first_bad, metrics.pop("finite"), step)
             # A background save that failed (a full disk) stops the run now, not at the next
             # save; reading the manager's flag costs no synchronisation with the device.
-            checkpointing.check_saves(manager, step)
+            if saving:
+                saving = checkpointing.check_saves(manager, step)
             if step % config.train.checkpoint_every == 0:
                 # The save waits for the state anyway; only finite states are saved, so
                 # the checkpoints it rotates out are never traded for a bad one.
                 _stop_if_diverged(first_bad, step, manager)
                 checkpointing.save(manager, step, save_args(state, step))
+                saving = True
             progress.update(1)
             if step % config.train.log_every == 0 or step == config.train.steps:
                 # The only host synchronisation of the loop besides the saves.
