@@ -501,13 +501,18 @@ def test_sigterm_saves_the_step_it_stopped_at_and_the_resumed_run_matches(tiny_p
         np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-def test_stop_signals_ask_the_loop_to_stop_and_leave_the_old_handlers_in_place():
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_ask_the_loop_to_stop_and_leave_the_old_handlers_in_place(number):
     before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
     with preemption.StopSignals() as stop:
         assert not stop.stop_at(1)
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert stop.stop_at(2) and stop.received == signal.SIGTERM
+        os.kill(os.getpid(), number)
+        assert stop.stop_at(2) and stop.received == number
+        # A second signal while the run saves interrupts at once.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), number)
     assert {number: signal.getsignal(number) for number in before} == before
+    assert preemption.StoppedBySignalError(2, number, "ckpt").exit_code == 128 + number
 
 
 def test_a_second_run_in_a_held_workdir_is_refused_naming_the_holder(tmp_path):
