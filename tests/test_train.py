@@ -4,9 +4,13 @@ import json
 import os
 import pathlib
 import re
+import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -16,7 +20,7 @@ from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data.device_augment import augment_intensity
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, loop, parallel
+from autocontext_jax.training import checkpointing, loop, parallel, preemption, workdir_lock
 from autocontext_jax.training.config_checks import (
     ConfigError,
     fit_to_run_length,
@@ -431,3 +435,134 @@ def test_a_short_run_fits_its_warmup_and_intervals_and_says_so():
     assert "config.train.warmup_steps=20 is not shorter than train.steps=4: using 3" in (
         result.stdout
     )
+
+
+def _tiny_train_command(data_dir, workdir, *overrides: str) -> list[str]:
+    """The train command with make_tiny_config's sizes, as a user would type it."""
+    return [
+        sys.executable,
+        "-m",
+        "autocontext_jax.main",
+        "--config",
+        "configs/default.py",
+        f"--workdir={workdir}",
+        f"--config.data.dir={data_dir}",
+        "--config.data.phantom_cases=0",
+        "--config.data.num_val_cases=1",
+        "--config.data.crop_size=8",
+        "--config.model.width=2",
+        "--config.model.num_poolings=1",
+        "--config.train.batch_size=2",
+        "--config.train.warmup_steps=1",
+        "--config.eval.at_end=False",
+        *overrides,
+    ]
+
+
+@pytest.mark.slow
+def test_sigterm_saves_the_step_it_stopped_at_and_the_resumed_run_matches(tiny_phantom, tmp_path):
+    overrides = [
+        "--config.train.steps=300",
+        "--config.train.checkpoint_every=100",
+        "--config.train.log_every=1",
+    ]
+    command = _tiny_train_command(tiny_phantom, tmp_path / "stopped", *overrides)
+    process = subprocess.Popen(
+        command, cwd=TESTS.parent, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    metrics = tmp_path / "stopped" / "metrics.jsonl"
+    deadline = time.monotonic() + 300
+    while not (metrics.exists() and len(metrics.read_text().splitlines()) >= 5):
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    sent = time.monotonic()
+    _, err = process.communicate(timeout=120)
+    took = time.monotonic() - sent
+    assert process.returncode == 128 + signal.SIGTERM, err
+    assert "Traceback" not in err
+    stopped = int(re.search(r"stopped at step (\d+) on SIGTERM", err)[1])
+    assert 5 <= stopped < 300
+    assert (tmp_path / "stopped" / "checkpoints" / str(stopped)).is_dir()
+    assert shlex.split(err.split("Resume with: ")[1].strip().splitlines()[0]) == command
+    assert took < 30, took
+
+    resumed = subprocess.run(command, cwd=TESTS.parent, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"Resuming from the checkpoint of step {stopped}" in resumed.stdout
+    straight_command = _tiny_train_command(tiny_phantom, tmp_path / "straight", *overrides)
+    straight = subprocess.run(straight_command, cwd=TESTS.parent, capture_output=True, text=True)
+    assert straight.returncode == 0, straight.stderr
+    step_a, a = _params(tmp_path / "straight")
+    step_b, b = _params(tmp_path / "stopped")
+    assert step_a == step_b == 300
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize("number", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signals_ask_the_loop_to_stop_and_leave_the_old_handlers_in_place(number):
+    before = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    with preemption.StopSignals() as stop:
+        assert not stop.stop_at(1)
+        os.kill(os.getpid(), number)
+        assert stop.stop_at(2) and stop.received == number
+        # A second signal while the run saves interrupts at once.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), number)
+    assert {number: signal.getsignal(number) for number in before} == before
+    assert preemption.StoppedBySignalError(2, number, "ckpt").exit_code == 128 + number
+
+
+def test_a_second_run_in_a_held_workdir_is_refused_naming_the_holder(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    with workdir_lock.hold(workdir):
+        result = _command(
+            "autocontext_jax.main",
+            "--config",
+            "configs/default.py",
+            f"--workdir={workdir}",
+            f"--config.data.dir={tmp_path / 'data'}",
+        )
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert f"PID {os.getpid()} on host {socket.gethostname()}" in result.stderr
+    assert not (workdir / "config.json").exists()
+
+
+def test_the_lock_of_a_live_run_refuses_and_a_dead_runs_is_taken_over(tmp_path):
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\n"
+            "from autocontext_jax.training import workdir_lock\n"
+            "lock = workdir_lock.hold(sys.argv[1])\n"
+            "lock.__enter__()\n"
+            "print('held', flush=True)\n"
+            "time.sleep(600)\n",
+            str(tmp_path),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(workdir_lock.WorkdirBusyError, match=f"PID {holder.pid} on host"):
+            with workdir_lock.hold(tmp_path):
+                pass
+    finally:
+        holder.kill()
+        holder.wait()
+    # Killed, it could not clean up: its record stays, its lock went with it.
+    with workdir_lock.hold(tmp_path) as note:
+        assert f"PID {holder.pid} on host {socket.gethostname()}" in note
+        assert "no longer running" in note
+        record = json.loads((tmp_path / workdir_lock.LOCK_FILE).read_text())
+        assert record["pid"] == os.getpid()
+    # Released cleanly, it is free and empty: the next run takes it without a note.
+    with workdir_lock.hold(tmp_path) as note:
+        assert note is None

@@ -18,9 +18,10 @@ from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation.ablation import AblationError
 from autocontext_jax.evaluation.compare import ComparisonError
 from autocontext_jax.evaluation.diagnose import DiagnoseError
-from autocontext_jax.training.checkpointing import CheckpointError
+from autocontext_jax.training.checkpointing import CheckpointError, SaveError
 from autocontext_jax.training.config_checks import ConfigError
 from autocontext_jax.training.loop import DivergedError
+from autocontext_jax.training.workdir_lock import WorkdirBusyError
 
 T = TypeVar("T")
 # absl's own --help exits with status 1 and lists only the flags of the __main__ module, which
@@ -48,6 +49,8 @@ USER_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (DatasetError, "Bad input"),
     (CheckpointError, "Bad workdir"),
     (DivergedError, "Training stopped"),
+    (SaveError, "Checkpoint not saved"),
+    (WorkdirBusyError, "Workdir in use"),
     (ComparisonError, "Cannot compare"),
     (AblationError, "Cannot report the ablation"),
     (DiagnoseError, "Cannot diagnose"),

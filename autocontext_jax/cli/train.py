@@ -13,6 +13,8 @@ cases through the same road from scan to labels as `predict`.
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,6 +34,7 @@ from autocontext_jax.models.init import abstract_variables, count_parameters
 from autocontext_jax.training import multihost
 from autocontext_jax.training.config_checks import fit_to_run_length, validate_config
 from autocontext_jax.training.loop import train
+from autocontext_jax.training.preemption import StoppedBySignalError
 
 FLAGS = flags.FLAGS
 
@@ -136,8 +139,19 @@ def main(argv: list[str]) -> None:
     if os.path.exists(FLAGS.workdir) and not os.path.isdir(FLAGS.workdir):
         raise app.UsageError(f"--workdir={FLAGS.workdir}: is a file, not a folder")
     enable_compilation_cache(FLAGS.compilation_cache)
-    # A bad dataset or workdir, or a diverged run, is one line (cli.common.USER_ERRORS).
-    train_and_evaluate(config, FLAGS.workdir)
+    # A bad dataset or workdir, a diverged run or a failed save is one line
+    # (cli.common.USER_ERRORS); a stop by a signal says how to resume.
+    try:
+        train_and_evaluate(config, FLAGS.workdir)
+    except StoppedBySignalError as stopped:
+        if jax.process_index() == 0:
+            # The same command resumes: the run continues from its workdir's checkpoint.
+            print(
+                f"Training {stopped}. Resume with: {shlex.join(sys.orig_argv)}",
+                file=sys.stderr,
+                flush=True,
+            )
+        sys.exit(stopped.exit_code)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

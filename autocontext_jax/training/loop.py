@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import itertools
 import pathlib
 import time
@@ -27,7 +28,14 @@ from autocontext_jax.data.pipeline import (
 )
 from autocontext_jax.data.plan import Plan, save_run_plan
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, logs, parallel, phases
+from autocontext_jax.training import (
+    checkpointing,
+    logs,
+    parallel,
+    phases,
+    preemption,
+    workdir_lock,
+)
 from autocontext_jax.training.config_checks import validate_config
 from autocontext_jax.training.state import TrainState, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
@@ -175,12 +183,15 @@ def train_loop(
     manager: ocp.CheckpointManager,
     rng: jax.Array,
     pipeline_state: Callable[[int], dict] | None = None,
+    stop: preemption.StopSignals | None = None,
 ) -> TrainState:
     """Run the steps from state.step to train.steps, logging and checkpointing as configured.
 
     `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
-    checkpoint of step k.
+    checkpoint of step k. When `stop` says so after a step (a SIGTERM), that step is saved
+    and preemption.StoppedBySignalError raised.
     """
+    stop = stop or preemption.StopSignals()
 
     def save_args(state: TrainState, step: int):
         return checkpointing.save_args(state, pipeline_state(step) if pipeline_state else {})
@@ -196,15 +207,21 @@ def train_loop(
     writer = logs.MetricWriter(workdir, start_step=start_step)
     last_time, last_step = time.perf_counter(), start_step
     first_bad = np.int32(-1)
+    saving = False
     try:
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = train_step(state, next(batches), rng)
             first_bad = _track_first_bad_step(first_bad, metrics.pop("finite"), step)
+            # A background save that failed (a full disk) stops the run now, not at the next
+            # save; reading the manager's flag costs no synchronisation with the device.
+            if saving:
+                saving = checkpointing.check_saves(manager, step)
             if step % config.train.checkpoint_every == 0:
                 # The save waits for the state anyway; only finite states are saved, so
                 # the checkpoints it rotates out are never traded for a bad one.
                 _stop_if_diverged(first_bad, step, manager)
-                manager.save(step, args=save_args(state, step))
+                checkpointing.save(manager, step, save_args(state, step))
+                saving = True
             progress.update(1)
             if step % config.train.log_every == 0 or step == config.train.steps:
                 # The only host synchronisation of the loop besides the saves.
@@ -215,9 +232,21 @@ def train_loop(
                 last_time, last_step = now, step
                 progress.set_postfix(_progress_postfix(values))
                 writer.write_scalars(step, values)
+            if step < config.train.steps and stop.stop_at(step):
+                # Saved as at the end of a run: finite states only, and committed before
+                # the process exits.
+                _stop_if_diverged(first_bad, step, manager)
+                if manager.latest_step() != step:
+                    checkpointing.save(manager, step, save_args(state, step), force=True)
+                checkpointing.finish_saves(manager, step)
+                checkpoint = str(manager.directory / str(step))
+                raise preemption.StoppedBySignalError(step, stop.received, checkpoint)
         _stop_if_diverged(first_bad, int(state.step), manager)
-        if manager.latest_step() != int(state.step):
-            manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
+        final = int(state.step)
+        checkpointing.finish_saves(manager, final)
+        if manager.latest_step() != final:
+            checkpointing.save(manager, final, save_args(state, final), force=True)
+        checkpointing.finish_saves(manager, final)
     finally:
         progress.close()
         writer.close()
@@ -246,6 +275,18 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     config = absolute_paths(config)
     workdir = pathlib.Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as held:
+        # One writer per workdir (process 0 writes for the run), from before the config is
+        # written to after the last checkpoint commits.
+        if jax.process_index() == 0:
+            note = held.enter_context(workdir_lock.hold(workdir))
+            if note:
+                _say(note)
+        return _train_in(config, workdir)
+
+
+def _train_in(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+    """`train`'s work once the workdir is held."""
     if jax.process_index() == 0:
         checkpointing.write_config(workdir, config)
     sampler, _ = prepare_data(config, workdir)
@@ -254,13 +295,11 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     optimizer = phases.make_run_optimizer(config)
     mesh = parallel.make_mesh()
     manager = checkpointing.make_manager(workdir, config)
-    state, restored_step = restore_or_create_state(
+    state, restored_step, saved_pipeline = restore_or_create_state(
         manager, model, optimizer, config.seed, parallel.replicated(mesh)
     )
-    saved_pipeline = None
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
-        saved_pipeline = checkpointing.restore_pipeline_state(manager, restored_step)
     host_batches = train_batches(
         sampler,
         config,
@@ -273,9 +312,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     rng = parallel.replicated_key(config.seed + 1, mesh)
     try:
-        state = train_loop(
-            config, workdir, state, train_step, batches, manager, rng, host_batches.state_at
-        )
+        # Before the steps a signal ends the process as usual: nothing is lost but the
+        # preparation (the cache is written atomically).
+        with preemption.StopSignals() as stop:
+            state = train_loop(
+                config,
+                workdir,
+                state,
+                train_step,
+                batches,
+                manager,
+                rng,
+                host_batches.state_at,
+                stop,
+            )
     finally:
         manager.close()
     return int(state.step)

@@ -97,13 +97,16 @@ def restore_or_create_state(
     optimizer: optax.GradientTransformation,
     seed: int,
     sharding: jax.sharding.Sharding,
-) -> tuple[TrainState, int | None]:
-    """(state, step) of the newest checkpoint of `manager`, or a fresh state and None."""
+) -> tuple[TrainState, int | None, dict | None]:
+    """(state, step, pipeline state) of the newest intact checkpoint of `manager`.
+
+    Without a checkpoint: a fresh state, None and None.
+    """
     target = abstract_train_state(model, optimizer, seed, sharding)
-    state, step = checkpointing.restore_latest(manager, target)
+    state, step, pipeline = checkpointing.restore_latest(manager, target)
     if step is None:
         state = jax.device_put(create_train_state(model, optimizer, seed), sharding)
-    return state, step
+    return state, step, pipeline
 
 
 def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
