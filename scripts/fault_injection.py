@@ -33,6 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from autocontext_jax import phantom
+from autocontext_jax.training.checksums import find_damage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAULTS = (
@@ -110,7 +111,10 @@ def _committed_steps(workdir: pathlib.Path) -> list[int]:
 
 def _read_state(workdir: pathlib.Path, step: int) -> list[np.ndarray] | None:
     """The train state's leaves of one checkpoint, or None when it cannot be read."""
-    path = workdir / "checkpoints" / str(step) / "state"
+    folder = workdir / "checkpoints" / str(step)
+    if not (folder / "state").is_dir() or find_damage(folder) is not None:
+        return None
+    path = folder / "state"
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             restored = checkpointer.restore(path.absolute())
@@ -259,7 +263,7 @@ class Injector:
         what = damage(workdir / "checkpoints" / str(newest))
         struck = self._resume_and_compare(fault, f"step {newest}: {what}", workdir, log)
         resumed_from = [line for line in _log_text(log).splitlines() if "esum" in line]
-        named = any(str(newest) in line for line in _log_text(log).splitlines() if "damag" in line)
+        named = f"Skipping the checkpoint of step {newest} " in _log_text(log)
         if struck.ok and not named:
             return Strike(fault, struck.detail, False, "resumed without naming the damage")
         if struck.ok:
