@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from autocontext_jax.data.device_augment import augment_intensity
+from autocontext_jax.data.device_augment import augment_intensity, device_pyramid_crops
 from autocontext_jax.models import conv
 from autocontext_jax.training import parallel
 from autocontext_jax.training.losses import segmentation_loss
@@ -33,13 +33,19 @@ def make_train_step(
 
     `batch["image"]` is (B, S, c, c, c, C) and `batch["label"]` (B, S, c, c, c, K), level 1
     (coarsest) first. The total loss is the sum of the level losses; whether level s-1
-    learns from level s's loss is decided by the pyramid's mode.
+    learns from level s's loss is decided by the pyramid's mode. A batch of raw boxes
+    (`image_box`, the device path of the spatial augmentation) is warped into those
+    crops first, inside the step.
     """
     schedule = make_schedule(config.train)
     num_levels = config.pyramid.levels
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(rng, state.step)
+        if "image_box" in batch:
+            batch = device_pyramid_crops(
+                batch, config.data.crop_size, num_levels, config.model.num_classes
+            )
         image = augment_intensity(rng, batch["image"], config.augment)
         images = [image[:, s] for s in range(num_levels)]
         targets = [batch["label"][:, s] for s in range(num_levels)]
