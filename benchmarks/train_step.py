@@ -3,6 +3,7 @@
     python benchmarks/train_step.py                       # default + paper, U-Net + pyramid
     python benchmarks/train_step.py --configs=default --impls=native,auto --torch=false
     python benchmarks/train_step.py --configs=paper --paper_batch=3 --dtype=bfloat16  # GPU
+    python benchmarks/train_step.py --configs= --end_to_end=default  # the real loop only
 
 For each config (`default`, `paper`) and scope (`unet`: one U-Net level; `pyramid`: all
 levels) it prints the median seconds per step, voxels/s, the achieved GFLOP/s from the
@@ -11,6 +12,13 @@ fraction of the float32 (or bfloat16) matmul peak measured in the same run, the 
 time, peak memory, and PyTorch's median for the same network, batch and loss (needs
 `pip install torch`; see benchmarks/torch_reference.py). `--impls` times several lowerings
 of the 3x3x3 convolution side by side (`native` is XLA's own 3D convolution).
+
+Then, for each config of `--end_to_end` (default: those of `--configs`), the real loop on
+a few phantom cases: the Grain pipeline (the config's workers and augmentation,
+`augment.device` resolved as training does), the device prefetch and the step together,
+as training/loop.py runs them. It prints end-to-end steps/s beside the bare step's (the
+same compiled step on one of those batches, repeated) and the fraction of the time the
+step waits for data, 1 - bare / end-to-end seconds per step.
 """
 
 from __future__ import annotations
@@ -19,6 +27,7 @@ import importlib.util
 import pathlib
 import resource
 import sys
+import tempfile
 import time
 
 import jax
@@ -27,11 +36,14 @@ import ml_collections
 import numpy as np
 from absl import app, flags
 
+from autocontext_jax import phantom
 from autocontext_jax.config_files import load_config_file
+from autocontext_jax.data.augment import spatial_augmentation_on
+from autocontext_jax.data.pipeline import train_batches
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.conv import resolve_conv_impl
 from autocontext_jax.models.flops import train_step_flops
-from autocontext_jax.training import parallel
+from autocontext_jax.training import loop, parallel
 from autocontext_jax.training.state import create_train_state, make_optimizer
 from autocontext_jax.training.step import jit_train_step, make_train_step
 
@@ -46,6 +58,14 @@ _PAPER_BATCH = flags.DEFINE_integer(
 )
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Compute dtype.")
 _TORCH = flags.DEFINE_bool("torch", True, "Also time the PyTorch reference when installed.")
+_END_TO_END = flags.DEFINE_list(
+    "end_to_end", None, "Configs whose real loop is timed too (default: --configs; empty: none)."
+)
+_LOOP_STEPS = flags.DEFINE_integer("loop_steps", 30, "Timed loop steps, default config.")
+_PAPER_LOOP_STEPS = flags.DEFINE_integer(
+    "paper_loop_steps", 3, "Timed loop steps, paper config (a handful on a CPU)."
+)
+_PHANTOM_CASES = flags.DEFINE_integer("phantom_cases", 4, "Phantom cases the loop samples.")
 
 
 def case_config(name: str, scope: str, impl: str) -> ml_collections.ConfigDict:
@@ -140,8 +160,79 @@ def time_jax_step(config: ml_collections.ConfigDict, steps: int) -> dict[str, fl
     return {"compile_s": compile_s, "median_s": seconds, "memory_mb": peak_memory_mb(compiled)}
 
 
+def time_end_to_end(name: str, data_dir: pathlib.Path, steps: int) -> dict[str, float]:
+    """Seconds per step of the real loop (pipeline, prefetch, step) and of its bare step."""
+    config = case_config(name, "pyramid", "auto")
+    config.data.dir = str(data_dir)
+    config.data.num_val_cases = 1
+    config.train.steps = steps + 1
+    with tempfile.TemporaryDirectory() as workdir:
+        sampler, _ = loop.prepare_data(config, pathlib.Path(workdir))
+    mesh = parallel.make_mesh()
+    model = build_pyramid(config)
+    optimizer = make_optimizer(config.train)
+    state = create_train_state(model, optimizer, config.seed)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    batches = loop.prefetch_to_device(
+        train_batches(sampler, config, 0), parallel.batch_sharded(mesh)
+    )
+    rng = parallel.replicated_key(config.seed + 1, mesh)
+    # The first step compiles and waits for the workers to start: not timed.
+    batch = next(batches)
+    state, metrics = step(state, batch, rng)
+    jax.block_until_ready(metrics)
+    in_next = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        fetch = time.perf_counter()
+        batch = next(batches)
+        in_next += time.perf_counter() - fetch
+        state, metrics = step(state, batch, rng)
+    jax.block_until_ready(metrics)
+    loop_seconds = (time.perf_counter() - start) / steps
+
+    def run_step() -> None:
+        nonlocal state
+        state, metrics = step(state, batch, rng)
+        jax.block_until_ready(metrics)
+
+    return {
+        "loop_s": loop_seconds,
+        "bare_s": median_seconds(run_step, min(steps, 5)),
+        "in_next": in_next / steps / loop_seconds,
+        "device_warp": sampler.device_box is not None,
+        "batch": config.train.batch_size,
+        "workers": config.data.worker_count,
+        "spatial": spatial_augmentation_on(config.augment),
+    }
+
+
+def print_end_to_end(names: list[str]) -> None:
+    """The end-to-end table: the real loop of each config beside its bare step."""
+    header = (
+        "| config | batch | workers | spatial warp | loop steps | bare s/step | loop s/step "
+        "| bare steps/s | loop steps/s | loop / bare | step waits for data | host in next() |"
+    )
+    print(header)
+    print("|" + " --- |" * (header.count("|") - 1))
+    with tempfile.TemporaryDirectory() as tmp:
+        data_dir = pathlib.Path(tmp) / "phantom"
+        phantom.write_phantom_dataset(data_dir, _PHANTOM_CASES.value, seed=0, workers=2)
+        for name in names:
+            steps = _PAPER_LOOP_STEPS.value if name == "paper" else _LOOP_STEPS.value
+            r = time_end_to_end(name, data_dir, steps)
+            warp = ("device" if r["device_warp"] else "host") if r["spatial"] else "off"
+            print(
+                f"| {name} | {r['batch']} | {r['workers']} | {warp} | {steps} "
+                f"| {r['bare_s']:.3f} | {r['loop_s']:.3f} | {1 / r['bare_s']:.2f} "
+                f"| {1 / r['loop_s']:.2f} | {r['bare_s'] / r['loop_s']:.2f} "
+                f"| {max(0.0, 1 - r['bare_s'] / r['loop_s']):.0%} | {r['in_next']:.0%} |",
+                flush=True,
+            )
+
+
 def main(argv: list[str]) -> None:
-    """Print one table row per (config, scope, lowering), PyTorch beside it."""
+    """Print one table row per (config, scope, lowering), PyTorch beside it; then the loop."""
     del argv
     torch_reference = None
     if _TORCH.value and importlib.util.find_spec("torch") is not None:
@@ -182,6 +273,9 @@ def main(argv: list[str]) -> None:
                 )
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"process peak RSS: {max_rss:.0f} MB")
+    loops = _CONFIGS.value if _END_TO_END.value is None else _END_TO_END.value
+    if loops:
+        print_end_to_end(loops)
 
 
 if __name__ == "__main__":

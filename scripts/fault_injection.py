@@ -214,7 +214,9 @@ class Injector:
         process = _start(_run_flags(self.data, workdir, self.steps), log)
         if not _wait_for_checkpoint(workdir, process, 1):
             return Strike("sigterm", "-", False, f"the run ended before its first save ({log})")
-        time.sleep(self.rng.uniform(0.0, max(self.duration - self.first_checkpoint_s, 0.1)))
+        # Within the step loop: its saves start with the first checkpoint.
+        remaining = max(self.duration - self.first_checkpoint_s, 0.1)
+        time.sleep(self.rng.uniform(0.0, 0.8 * remaining))
         if process.poll() is not None:
             return self._resume_and_compare("sigterm", "run had ended", workdir, log)
         sent = time.perf_counter()
@@ -228,8 +230,10 @@ class Injector:
         steps = _committed_steps(workdir)
         detail = f"exit {rc} after {took:.1f} s, saved {steps[-1:] or 'none'}"
         said_resume = "resume" in _log_text(log).lower()
-        if rc == 0 and steps[-1:] != [self.steps]:
-            return Strike("sigterm", detail, False, "exit code 0 for an unfinished run")
+        if rc == 0:
+            if steps[-1:] != [self.steps]:
+                return Strike("sigterm", detail, False, "exit code 0 for an unfinished run")
+            return self._resume_and_compare("sigterm", f"{detail} (run had ended)", workdir, log)
         if rc < 0 or not said_resume:
             return Strike("sigterm", detail, False, "killed by the signal, no save or message")
         return self._resume_and_compare("sigterm", detail, workdir, log)
@@ -307,23 +311,25 @@ class Injector:
         return self._damage("missing_file", damage)
 
     def concurrent(self) -> Strike:
-        """A second run started in a workdir whose run is still going."""
+        """Two runs started in one workdir at once: one trains, the other is refused."""
         workdir, log = self._fresh("concurrent")
-        first = _start(_run_flags(self.data, workdir, self.steps), log)
-        _wait_for_checkpoint(workdir, first, 1)
-        second_log = workdir.with_suffix(".second.log")
-        second = _start(_run_flags(self.data, workdir, self.steps), second_log)
-        rc_second = _finish(second)
-        rc_first = _finish(first)
-        message = _log_text(second_log).strip().splitlines()[-1:] or [""]
-        detail = f"second exit {rc_second}: {message[0][:70]}"
-        if rc_second == 0 or str(first.pid) not in message[0]:
-            return Strike("concurrent", detail, False, "the second run was not refused by PID")
-        if rc_first != 0:
-            return Strike("concurrent", detail, False, f"the first run failed ({log})")
+        logs = [log, workdir.with_suffix(".second.log")]
+        first = _start(_run_flags(self.data, workdir, self.steps), logs[0])
+        time.sleep(0.5)
+        second = _start(_run_flags(self.data, workdir, self.steps), logs[1])
+        runs = [first, second]
+        codes = [_finish(first), _finish(second)]
+        refused = [i for i in (0, 1) if codes[i] != 0]
+        if len(refused) != 1:
+            return Strike("concurrent", f"exits {codes}", False, "not exactly one run refused")
+        loser, winner = refused[0], 1 - refused[0]
+        message = (_log_text(logs[loser]).strip().splitlines() or [""])[-1]
+        detail = f"run {loser + 1} exit {codes[loser]}: {message[:60]}"
+        if f"PID {runs[winner].pid}" not in message:
+            return Strike("concurrent", detail, False, "the refusal does not name the holder")
         if not _equal(_read_state(workdir, self.steps), self.reference):
-            return Strike("concurrent", detail, False, "the first run's result differs")
-        return Strike("concurrent", detail, True, "second refused; first equal bit for bit")
+            return Strike("concurrent", detail, False, "the training run's result differs")
+        return Strike("concurrent", detail, True, "one refused naming the other; equal bit for bit")
 
     def disk_full(self) -> Strike:
         """The workdir on a small tmpfs that fills up during a save; then resumed elsewhere."""

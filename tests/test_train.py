@@ -19,6 +19,7 @@ import pytest
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data.device_augment import augment_intensity
 from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.pipeline import train_batches
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.training import checkpointing, loop, parallel, preemption, workdir_lock
 from autocontext_jax.training.config_checks import (
@@ -148,6 +149,8 @@ def test_intensity_augmentation_is_off_at_probability_zero_and_random_otherwise(
         ("data.intensity_clip", (1000.0, -1000.0), 1),
         ("augment.probability", 1.5, 1),
         ("augment.elastic_probability", -0.1, 1),
+        ("augment.device", "gpu", 1),
+        ("augment.scale", 1.0, 1),
         ("eval.nsd_tolerance_mm", -2.0, 1),
         ("eval.nsd_tolerance_mm", 0.0, 1),
     ],
@@ -242,6 +245,35 @@ def test_resume_continues_exactly_where_the_run_stopped(tiny_phantom, tmp_path):
     assert checkpoints == ["2", "4"]
     lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [2, 4]
+
+
+@pytest.mark.slow
+def test_a_resumed_run_with_the_warp_on_the_device_draws_the_same_batches(tiny_phantom, tmp_path):
+    from conftest import make_tiny_config
+
+    config = make_tiny_config(tiny_phantom)
+    config.eval.at_end = False
+    config.augment.device = "device"
+    for part in ("rotation", "scale", "translation", "elastic"):
+        config.augment[f"{part}_probability"] = 0.5
+    (tmp_path / "data").mkdir()
+    sampler, _ = loop.prepare_data(config, tmp_path / "data")
+    assert sampler.device_box is not None
+    straight_batches = list(train_batches(sampler, config, 0))
+    assert "image_box" in straight_batches[0] and len(straight_batches) == 4
+    for a, b in zip(straight_batches[2:], train_batches(sampler, config, 2), strict=True):
+        assert a.keys() == b.keys()
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+    train_and_evaluate(config, str(tmp_path / "straight"))
+    config.train.steps = 2
+    train_and_evaluate(config, str(tmp_path / "resumed"))
+    config.train.steps = 4
+    assert train_and_evaluate(config, str(tmp_path / "resumed"))["step"] == 4
+    (_, straight), (_, resumed) = _params(tmp_path / "straight"), _params(tmp_path / "resumed")
+    for a, b in zip(jax.tree.leaves(straight), jax.tree.leaves(resumed), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_resume_refuses_a_changed_model(tiny_phantom, tmp_path):

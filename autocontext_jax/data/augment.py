@@ -10,6 +10,11 @@ of the region (edge E) reads the volume at
 with M = rotation / scale and u a smooth displacement field, so the identity transform
 reads exactly the voxels an unaugmented crop does. Intensity augmentation runs on the
 device (data/device_augment.py).
+
+With `augment.device` on (data/device_augment.py: spatial_on_device) the host only cuts
+the raw box around the centre that the transform can read (device_region) and ships it
+with the transform's parameters; the device warps it (data/device_augment.py:
+device_pyramid_crops) to the same crops, to interpolation tolerance.
 """
 
 from __future__ import annotations
@@ -28,6 +33,12 @@ from autocontext_jax.data.sampling import (
     extract_box,
     level_region,
 )
+
+# Elastic control-point displacements are normal draws truncated at this many standard
+# deviations, so the region a transform reads has a known bound (the device path ships a
+# box of fixed size). A draw beyond 6 sigma has a probability of 2e-9.
+ELASTIC_CLIP_STD = 6.0
+SPATIAL_PARTS = ("rotation", "scale", "translation", "elastic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +83,8 @@ def sample_spatial_transform(
     scale = rng.uniform(1.0 - augment.scale, 1.0 + augment.scale)
     shift = rng.uniform(-1.0, 1.0, 3) * augment.translation_voxels
     points = augment.elastic_control_points
-    field = rng.normal(size=(3, points, points, points)) * augment.elastic_voxels
+    normal = rng.normal(size=(3, points, points, points))
+    field = np.clip(normal, -ELASTIC_CLIP_STD, ELASTIC_CLIP_STD) * augment.elastic_voxels
     if apply[0]:
         matrix, drawn = rotation_matrix(angles), True
     if apply[1]:
@@ -169,3 +181,83 @@ def augmented_pyramid_crops(
         images.append(box_downsample(region_image[window], factor))
         labels.append(class_fractions(region_label[window], factor, num_classes))
     return {"image": np.stack(images)[..., None], "label": np.stack(labels)}
+
+
+def spatial_augmentation_on(augment: ml_collections.ConfigDict) -> bool:
+    """Whether `augment` can draw any spatial transform at all."""
+    elastic = augment.elastic_probability > 0 and augment.elastic_voxels > 0
+    return elastic or any(augment[f"{part}_probability"] > 0 for part in SPATIAL_PARTS[:3])
+
+
+def read_extent_bound(augment: ml_collections.ConfigDict, edge: int) -> int:
+    """An upper bound, per axis, on the native voxels a warped E^3 region reads.
+
+    The max row sum of a product of rotations is at most the product of theirs, each at
+    most cos a + sin a; scaling by 1 - s stretches it by 1 / (1 - s); the smoothed elastic
+    field is a convex combination of its control points (at most ELASTIC_CLIP_STD sigma);
+    translation moves the region without growing it. +5: warp_region's margins, rounding.
+    """
+    stretch = 1.0
+    if augment.rotation_probability > 0:
+        angle = min(np.deg2rad(abs(augment.rotation_degrees)), np.pi / 4)
+        stretch *= (np.cos(angle) + np.sin(angle)) ** 3
+    if augment.scale_probability > 0:
+        stretch /= 1.0 - augment.scale
+    elastic = 0.0
+    if augment.elastic_probability > 0:
+        elastic = 2 * ELASTIC_CLIP_STD * abs(augment.elastic_voxels)
+    return int(np.ceil((edge - 1) * stretch + elastic)) + 5
+
+
+def _read_low_corner(centre: Sequence[int], edge: int, transform: SpatialTransform) -> np.ndarray:
+    """The low corner of the block warp_region reads, from the region's corners alone."""
+    first, last = -(edge // 2), edge - 1 - edge // 2
+    # A linear function over a box is smallest at a corner: per term, the smaller end.
+    affine = np.minimum(transform.matrix * first, transform.matrix * last).sum(axis=1)
+    lowest = np.asarray(centre, np.float64) + transform.translation + affine
+    if transform.elastic is not None:
+        lowest += transform.elastic.reshape(3, -1).min(axis=1)
+    return np.floor(lowest).astype(int) - 1
+
+
+def device_region(
+    image: np.ndarray,
+    label: np.ndarray,
+    centre: Sequence[int],
+    transform: SpatialTransform | None,
+    edge: int,
+    box_shape: Sequence[int],
+    control_points: int,
+    image_pad_value: float,
+) -> dict[str, np.ndarray]:
+    """The raw box the device warps into the crops, and the transform's parameters.
+
+    The box has the fixed `box_shape` (device_box_shape) and starts where the transform's
+    reads start, or at the volume's first voxel: everything the warp reads inside the
+    volume lies in it, so a read outside the box is outside the volume (padding).
+    """
+    if transform is None:
+        transform = SpatialTransform(np.eye(3), np.zeros(3))
+    start = np.maximum(_read_low_corner(centre, edge, transform), 0)
+    end = start + np.asarray(box_shape)
+    elastic = transform.elastic
+    if elastic is None:
+        elastic = np.zeros((3, control_points, control_points, control_points))
+    return {
+        "image_box": extract_box(image, start, end, np.float32(image_pad_value)),
+        "label_box": extract_box(label, start, end, np.uint8(0)),
+        # Where output offset 0 reads, in box coordinates.
+        "origin": (np.asarray(centre) + transform.translation - start).astype(np.float32),
+        "matrix": transform.matrix.astype(np.float32),
+        "elastic": elastic.astype(np.float32),
+        "pad_value": np.float32(image_pad_value),
+    }
+
+
+def device_box_shape(
+    augment: ml_collections.ConfigDict, edge: int, volume_shapes: Sequence[Sequence[int]]
+) -> tuple[int, int, int]:
+    """The fixed shape of the device path's raw boxes: the read bound, or the largest volume."""
+    bound = read_extent_bound(augment, edge)
+    largest = np.max(np.asarray(volume_shapes), axis=0)
+    return tuple(int(min(bound, n)) for n in largest)

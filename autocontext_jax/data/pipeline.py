@@ -14,16 +14,23 @@ import threading
 from collections.abc import Sequence
 
 import grain
+import jax
 import ml_collections
 import numpy as np
 from absl import flags
 
-from autocontext_jax.data.augment import augmented_pyramid_crops, sample_spatial_transform
+from autocontext_jax.data.augment import (
+    augmented_pyramid_crops,
+    device_box_shape,
+    device_region,
+    sample_spatial_transform,
+)
 from autocontext_jax.data.cache import CachedCase, load_cached
 from autocontext_jax.data.dataset import Case
+from autocontext_jax.data.device_augment import spatial_on_device
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.plan import Plan
-from autocontext_jax.data.sampling import foreground_centre, pyramid_crops
+from autocontext_jax.data.sampling import foreground_centre, level_region, pyramid_crops
 
 
 @dataclasses.dataclass
@@ -108,6 +115,17 @@ class PyramidExampleSampler:
         self._pad_value = plan.pad_value
         self._cache: dict[str, PreparedCase] = dict(preloaded or {})
         self._lock = threading.Lock()
+        # Decided here, in the training process: worker processes must not start a backend.
+        self.device_box: tuple[int, int, int] | None = None
+        if spatial_on_device(config.augment, jax.default_backend()):
+            shapes = [
+                self._cache[c.case_id].image.shape
+                if c.case_id in self._cache
+                else np.load(c.image, mmap_mode="r").shape
+                for c in self._files
+            ]
+            edge = level_region((0, 0, 0), config.data.crop_size, 1, config.pyramid.levels)[1]
+            self.device_box = device_box_shape(config.augment, edge, shapes)
 
     def __getstate__(self) -> dict:
         """Worker processes read their own copies instead of unpickling every volume."""
@@ -135,7 +153,7 @@ class PyramidExampleSampler:
             return self._cache[files.case_id]
 
     def __call__(self, example: int) -> dict[str, np.ndarray]:
-        """The pyramid crops of global example `example`."""
+        """The pyramid crops of global example `example` (its raw box on the device path)."""
         step, slot = divmod(int(example), self._batch_size)
         case = self._case(int(self.cases_for_step(step)[slot]))
         rng = np.random.default_rng([self._config.seed, step, slot, 1])
@@ -150,6 +168,19 @@ class PyramidExampleSampler:
             self._config.model.num_classes,
             self._pad_value,
         )
+        if self.device_box is not None:
+            edge = level_region(centre, data.crop_size, 1, self._config.pyramid.levels)[1]
+            points = self._config.augment.elastic_control_points
+            return device_region(
+                case.image,
+                case.label,
+                centre,
+                transform,
+                edge,
+                self.device_box,
+                points,
+                self._pad_value,
+            )
         if transform is None:
             return pyramid_crops(case.image, case.label, centre, *sizes)
         return augmented_pyramid_crops(case.image, case.label, centre, transform, *sizes)

@@ -6,6 +6,7 @@ import math
 
 import ml_collections
 
+from autocontext_jax.data.device_augment import AUGMENT_DEVICES
 from autocontext_jax.models import COMPUTE_DTYPES
 from autocontext_jax.models.conv import CONV_IMPLS
 from autocontext_jax.models.pyramid import CONTEXT_MODES
@@ -158,6 +159,14 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     for name in AUGMENT_PROBABILITIES:
         value = config.augment[name]
         _require(0 <= value <= 1, f"augment.{name}", value, "must be a probability in [0, 1]")
+    augment = config.augment
+    _require(
+        augment.device in AUGMENT_DEVICES,
+        "augment.device",
+        augment.device,
+        f"one of {AUGMENT_DEVICES}",
+    )
+    _require(augment.scale < 1, "augment.scale", augment.scale, "must be < 1 (zoom by 1 - scale)")
     tolerance = config.eval.nsd_tolerance_mm
     _require(
         math.isfinite(tolerance) and tolerance > 0,

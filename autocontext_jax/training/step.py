@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 import optax
 
-from autocontext_jax.data.device_augment import augment_intensity
+from autocontext_jax.data.device_augment import augment_intensity, device_pyramid_crops
 from autocontext_jax.models import conv
 from autocontext_jax.models.pyramid import AutoContextPyramid, with_context
 from autocontext_jax.training import parallel, phases
@@ -27,6 +27,25 @@ def all_finite(*trees) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in leaves]))
 
 
+def level_inputs(
+    batch: Batch, rng: jax.Array, config: ml_collections.ConfigDict
+) -> tuple[list[jax.Array], list[jax.Array]]:
+    """Each level's augmented image crop and target, coarsest first, from a host batch.
+
+    A batch of raw boxes (`image_box`, the device path of the spatial augmentation) is
+    warped into the levels' crops first; the intensity augmentation follows on both paths.
+    """
+    num_levels = config.pyramid.levels
+    if "image_box" in batch:
+        batch = device_pyramid_crops(
+            batch, config.data.crop_size, num_levels, config.model.num_classes
+        )
+    image = augment_intensity(rng, batch["image"], config.augment)
+    images = [image[:, s] for s in range(num_levels)]
+    targets = [batch["label"][:, s] for s in range(num_levels)]
+    return images, targets
+
+
 def make_train_step(
     model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
@@ -34,8 +53,10 @@ def make_train_step(
 
     `batch["image"]` is (B, S, c, c, c, C) and `batch["label"]` (B, S, c, c, c, K), level 1
     (coarsest) first. The total loss is the sum of the level losses; whether level s-1
-    learns from level s's loss is decided by the pyramid's mode. A separately trained
-    pyramid has a step of its own (`make_separate_train_step`).
+    learns from level s's loss is decided by the pyramid's mode. A batch of raw boxes
+    (`image_box`, the device path of the spatial augmentation) is warped into those
+    crops first, inside the step. A separately trained pyramid has a step of its own
+    (`make_separate_train_step`).
     """
     if phases.is_separate(config):
         return make_separate_train_step(model, optimizer, config)
@@ -44,9 +65,7 @@ def make_train_step(
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(rng, state.step)
-        image = augment_intensity(rng, batch["image"], config.augment)
-        images = [image[:, s] for s in range(num_levels)]
-        targets = [batch["label"][:, s] for s in range(num_levels)]
+        images, targets = level_inputs(batch, rng, config)
 
         def loss_fn(params):
             logits, updates = model.apply(
@@ -142,9 +161,7 @@ def make_separate_train_step(
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(rng, state.step)
-        image = augment_intensity(rng, batch["image"], config.augment)
-        images = [image[:, s] for s in range(num_levels)]
-        targets = [batch["label"][:, s] for s in range(num_levels)]
+        images, targets = level_inputs(batch, rng, config)
         phase = phases.phase_index(state.step, bounds)
         branches = [
             lambda state, images, targets, p=p: phase_loss(p, state, images, targets)
