@@ -28,9 +28,15 @@ from autocontext_jax.data.pipeline import (
 from autocontext_jax.data.plan import Plan, save_run_plan
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.training import checkpointing, logs, parallel
+from autocontext_jax.training import progress as progress_lib
 from autocontext_jax.training.config_checks import validate_config
+from autocontext_jax.training.progress import say as _say
 from autocontext_jax.training.state import TrainState, make_optimizer, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
+
+# A train state -> (scalars, one line for the user), e.g. the held-out Dice; training
+# does not segment whole scans itself, so the caller hands this in (cli/train.py).
+Validate = Callable[[TrainState], tuple[dict[str, float], str]]
 
 # The folder configs/default.py trains on: the phantom is generated there unasked.
 DEFAULT_PHANTOM_DIR = "data/phantom"
@@ -110,12 +116,6 @@ def load_prepared(cases: list[cache_lib.CachedCase]) -> dict[str, PreparedCase]:
     }
 
 
-def _say(message: str) -> None:
-    """Tell the user (process 0 only); absl logging is left to library chatter."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
 def preprocess_dataset(
     config: ml_collections.ConfigDict,
 ) -> tuple[Plan, dict[str, cache_lib.CachedCase], list, list]:
@@ -175,37 +175,41 @@ def train_loop(
     manager: ocp.CheckpointManager,
     rng: jax.Array,
     pipeline_state: Callable[[int], dict] | None = None,
+    validate: Validate | None = None,
 ) -> TrainState:
     """Run the steps from state.step to train.steps, logging and checkpointing as configured.
 
     `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
-    checkpoint of step k.
+    checkpoint of step k. `validate(state)` runs every `eval.every` steps; its scalars go
+    to the logs with the seconds it took (`val_seconds`), its line to the user.
     """
 
     def save_args(state: TrainState, step: int):
         return checkpointing.save_args(state, pipeline_state(step) if pipeline_state else {})
 
     start_step = int(state.step)
-    progress = tqdm.tqdm(
-        total=config.train.steps,
-        initial=start_step,
-        desc="train",
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
-    )
+    progress = progress_lib.StepProgress(config.train.steps, start_step)
     writer = logs.MetricWriter(workdir, start_step=start_step)
     last_time, last_step = time.perf_counter(), start_step
     first_bad = np.int32(-1)
+    eval_every = config.eval.every if validate is not None else 0
+    finished = False
     try:
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = train_step(state, next(batches), rng)
             first_bad = _track_first_bad_step(first_bad, metrics.pop("finite"), step)
+            if step == start_step + 1:
+                # The first step compiles: waiting for it once times the compilation and
+                # keeps it out of the bar's rate and the first steps/s.
+                first_bad.block_until_ready()
+                progress.compiled(step)
+                last_time, last_step = time.perf_counter(), step
             if step % config.train.checkpoint_every == 0:
                 # The save waits for the state anyway; only finite states are saved, so
                 # the checkpoints it rotates out are never traded for a bad one.
                 _stop_if_diverged(first_bad, step, manager)
                 manager.save(step, args=save_args(state, step))
-            progress.update(1)
+                progress.completed(step)
             if step % config.train.log_every == 0 or step == config.train.steps:
                 # The only host synchronisation of the loop besides the saves.
                 _stop_if_diverged(first_bad, step, manager)
@@ -213,13 +217,25 @@ def train_loop(
                 now = time.perf_counter()
                 values["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
+                progress.completed(step)
                 progress.set_postfix(_progress_postfix(values))
                 writer.write_scalars(step, values)
+            if eval_every and step % eval_every == 0:
+                _stop_if_diverged(first_bad, step, manager)  # never validate a bad state
+                started = time.perf_counter()
+                scalars, line = validate(state)
+                seconds = time.perf_counter() - started
+                if scalars:
+                    writer.write_scalars(step, {**scalars, "val_seconds": seconds})
+                progress.validated(seconds, line)
+                progress.completed(step)
+                last_time += seconds  # steps/s counts training only
         _stop_if_diverged(first_bad, int(state.step), manager)
         if manager.latest_step() != int(state.step):
             manager.save(int(state.step), args=save_args(state, int(state.step)), force=True)
+        finished = True
     finally:
-        progress.close()
+        progress.close(int(state.step) if finished else None)
         writer.close()
         # A save in flight holds a finite state: let it commit, whatever stopped the loop.
         manager.wait_until_finished()
@@ -236,11 +252,16 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    validate: Validate | None = None,
+) -> int:
     """Train the pyramid in `workdir`, resuming from its newest checkpoint; the final step.
 
     The workdir gets the resolved config (data folders made absolute), the split, the
     plan, the checkpoints and the logs; evaluation reads the run back from there.
+    `validate` (see `train_loop`) runs every `eval.every` steps.
     """
     validate_config(config, jax.device_count())
     config = absolute_paths(config)
@@ -261,6 +282,20 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
         saved_pipeline = checkpointing.restore_pipeline_state(manager, restored_step)
+    if jax.process_index() == 0:
+        split = dataset_lib.read_split(workdir)
+        _say(
+            progress_lib.start_block(
+                config,
+                workdir.absolute(),
+                model,
+                state.params,
+                len(split["train"]),
+                len(split["val"]),
+                restored_step or 0,
+                validate is not None,
+            )
+        )
     host_batches = train_batches(
         sampler,
         config,
@@ -274,7 +309,15 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
     rng = parallel.replicated_key(config.seed + 1, mesh)
     try:
         state = train_loop(
-            config, workdir, state, train_step, batches, manager, rng, host_batches.state_at
+            config,
+            workdir,
+            state,
+            train_step,
+            batches,
+            manager,
+            rng,
+            host_batches.state_at,
+            validate,
         )
     finally:
         manager.close()
