@@ -130,6 +130,13 @@ def get_config() -> ml_collections.ConfigDict:
     config.eval = ml_collections.ConfigDict()
     # Evaluate the held-out cases at the end of training.
     config.eval.at_end = True
+    # Validation during training: every `every` steps (0: never), the finest level's Dice
+    # per class on the first `num_cases` held-out cases, segmented as `predict` does.
+    # Each validation of a default phantom case costs about 6 s on a 2-core CPU (and the
+    # first one compiles the tiled predictor, which the end-of-run evaluation then
+    # reuses): 5 validations of 1 case stay under 10 % of the default job.
+    config.eval.every = 300
+    config.eval.num_cases = 1
     # Normalised surface Dice counts surface voxels within this distance of the other surface.
     config.eval.nsd_tolerance_mm = 2.0
     return config

@@ -94,11 +94,12 @@ run_command("A command.", lambda: None, main, sys.argv)
 """
 
 
-def test_jax_start_up_warnings_show_only_with_verbosity():
+@pytest.mark.parametrize("option", ["--verbose", "--verbosity=0"])
+def test_jax_start_up_warnings_show_only_with_verbose(option):
     quiet = _run(sys.executable, "-c", START_UP_SCRIPT)
     assert quiet.returncode == 0 and quiet.stdout.strip() == "ran", quiet.stderr
     assert "initialize backend" not in quiet.stderr
-    verbose = _run(sys.executable, "-c", START_UP_SCRIPT, "--verbosity=0")
+    verbose = _run(sys.executable, "-c", START_UP_SCRIPT, option)
     assert verbose.returncode == 0 and "initialize backend 'tpu'" in verbose.stderr
 
 

@@ -153,6 +153,8 @@ def test_intensity_augmentation_is_off_at_probability_zero_and_random_otherwise(
         ("augment.scale", 1.0, 1),
         ("eval.nsd_tolerance_mm", -2.0, 1),
         ("eval.nsd_tolerance_mm", 0.0, 1),
+        ("eval.every", -1, 1),
+        ("eval.num_cases", 0, 1),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(tiny_config, field, value, devices):
@@ -454,7 +456,9 @@ def test_a_short_run_fits_its_warmup_and_intervals_and_says_so():
     fitted, notes = fit_to_run_length(short)
     assert (fitted.train.warmup_steps, fitted.train.checkpoint_every) == (3, 4)
     assert fitted.train.log_every == 4 and short.train.warmup_steps == 20  # a copy
-    assert len(notes) == 3 and "config.train.warmup_steps=20" in notes[0]
+    assert fitted.eval.every == 4  # validated once, at the last step
+    assert len(notes) == 4 and "config.train.warmup_steps=20" in notes[0]
+    assert notes[3] == "config.eval.every=300 exceeds train.steps=4: using 4"
     validate_config(fitted, 1)
     result = _command(
         "autocontext_jax.main",

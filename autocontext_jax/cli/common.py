@@ -91,16 +91,23 @@ def checked_flag(check: Callable[[], T], flag: str | None = None) -> T:
         raise app.UsageError(f"--{flag}: {error}" if flag else f"--{error}") from error
 
 
+def verbose() -> bool:
+    """Whether library and JAX logs were asked for (--verbose, or absl's --verbosity)."""
+    asked = "verbose" in flags.FLAGS and flags.FLAGS.verbose
+    return bool(asked or flags.FLAGS["verbosity"].present)
+
+
 def quiet_logging() -> None:
-    """Library chatter (Orbax logs every save at INFO) only when asked for with --verbosity."""
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
+    """Library chatter (Orbax logs every save at INFO) only when asked for with --verbose."""
+    if flags.FLAGS["verbosity"].present:
+        return
+    logging.set_verbosity(logging.INFO if verbose() else logging.WARNING)
 
 
 def quiet_start_up() -> None:
     """Hide JAX's start-up warnings (a missing libtpu, a GPU without CUDA jaxlib) unless
-    --verbosity is given: the command says which devices it uses."""
-    if not flags.FLAGS["verbosity"].present:
+    --verbose is given: the command says which devices it uses."""
+    if not verbose():
         std_logging.getLogger("jax._src.xla_bridge").setLevel(std_logging.ERROR)
 
 
@@ -195,7 +202,7 @@ def command_help(doc: str, defined: Sequence[flags.Flag], takes_config: bool) ->
             "  (--platform is JAX's JAX_PLATFORMS variable: JAX_PLATFORMS=cpu autocontext ... "
             "does the same)"
         )
-    lines.append("  --verbosity=0: show library and JAX logs (hidden by default)")
+    lines.append("  (--verbose is absl's --verbosity=0, which works too)")
     lines.append(f"  {VERSION_OPTION}: print the version; --helpfull: every flag, absl's too")
     parts.append("\n".join(lines))
     return "\n\n".join(parts) + "\n"
@@ -219,6 +226,8 @@ def run_command(
     argv = list(sys.argv if argv is None else argv)
     before = set(flags.FLAGS)
     define_flags()
+    if "verbose" not in flags.FLAGS:
+        flags.DEFINE_bool("verbose", False, "Show library and JAX logs (hidden by default).")
     if computes:
         flags.DEFINE_enum(
             "platform",

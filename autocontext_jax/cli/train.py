@@ -6,13 +6,15 @@
 
 (`python -m autocontext_jax.main ...` is the same command.)
 
-Trains in the workdir (resuming from its newest checkpoint), then evaluates the held-out
-cases through the same road from scan to labels as `predict`.
+Trains in the workdir (resuming from its newest checkpoint), validating a few held-out
+cases every `eval.every` steps, then evaluates the held-out cases through the same road
+from scan to labels as `predict`.
 """
 
 from __future__ import annotations
 
 import os
+import pathlib
 import shlex
 import sys
 from collections.abc import Sequence
@@ -23,18 +25,22 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autocontext_jax.cli.common import quiet_logging, run_command
+from autocontext_jax.cli.common import quiet_logging, run_command, verbose
 from autocontext_jax.data.dataset import read_split
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.evaluation.evaluate import evaluate_run, held_out_cases
-from autocontext_jax.evaluation.reports import summary_markdown
+from autocontext_jax.evaluation.reports import CASES_FILE, summary_markdown
+from autocontext_jax.evaluation.validation import make_validator
 from autocontext_jax.inference import load_run
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.models.init import abstract_variables, count_parameters
+from autocontext_jax.models.init import abstract_variables
 from autocontext_jax.training import multihost
+from autocontext_jax.training.checkpointing import CHECKPOINTS_DIR
 from autocontext_jax.training.config_checks import fit_to_run_length, validate_config
+from autocontext_jax.training.logs import METRICS_FILE, TENSORBOARD_DIR
 from autocontext_jax.training.loop import train
 from autocontext_jax.training.preemption import StoppedBySignalError
+from autocontext_jax.training.progress import parameter_lines
 
 FLAGS = flags.FLAGS
 
@@ -76,35 +82,61 @@ def enable_compilation_cache(folder: str) -> None:
 def describe_model(config: ml_collections.ConfigDict) -> str:
     """The resolved config and the parameter count of every pyramid level."""
     model = build_pyramid(config)
-    variables = abstract_variables(model)
+    params = abstract_variables(model)["params"]
     lines = [str(config), "Parameters per pyramid level:"]
-    for level in range(1, config.pyramid.levels + 1):
-        count = count_parameters(variables["params"][f"level_{level}"])
-        factor = downsample_factor(level, config.pyramid.levels)
-        channels = model.level_in_channels(level)
-        lines.append(
-            f"  level {level}: downsample x{factor}, {channels} input channel"
-            f"{'s' if channels > 1 else ''}, {count:,} parameters ({count / 1e6:.2f} M)"
-        )
-    total = count_parameters(variables["params"])
-    lines.append(f"  total: {total:,} parameters ({total / 1e6:.2f} M)")
+    lines += [f"  {line}" for line in parameter_lines(model, params)]
     return "\n".join(lines)
+
+
+def end_message(config: ml_collections.ConfigDict, workdir: str, step: int, evaluated: bool) -> str:
+    """What training says last: the final level, where the results are, what to run next."""
+    levels = config.pyramid.levels
+    folder = shlex.quote(workdir)
+    path = pathlib.Path(workdir)
+    steps = sorted(int(p.name) for p in (path / CHECKPOINTS_DIR).iterdir() if p.name.isdigit())
+    reports = (
+        f"{path / 'eval_summary.md'} (also .csv, .json), per case {path / CASES_FILE}"
+        if evaluated
+        else f"none (eval.at_end is off or no case is held out): autocontext evaluate "
+        f"--workdir {folder}"
+    )
+    return "\n".join(
+        [
+            f"Finished step {step} in {workdir}",
+            f"  final output: level {levels} of {levels}, the finest (downsample "
+            f"x{downsample_factor(levels, levels)}, brought back onto each scan's grid); "
+            f"predict writes it and the reports' last tables score it",
+            f"  checkpoints: {path / CHECKPOINTS_DIR} (steps {', '.join(map(str, steps))}; "
+            f"predict reads the newest)",
+            f"  reports: {reports}",
+            f"  logs: {path / METRICS_FILE}, {path / TENSORBOARD_DIR} "
+            f"(tensorboard --logdir {folder})",
+            f"  next: autocontext predict --workdir {folder} --input CT.nii.gz --output seg.nii.gz",
+            f"        autocontext plot --workdir {folder}   (slices and training curves)",
+        ]
+    )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
     """Train in `workdir` (resuming if it holds a checkpoint), then evaluate the held-out cases.
 
-    The evaluation loads the run back from its workdir (`inference.load_run`) and
-    segments every held-out case as `predict` would; its reports go to the workdir.
+    Every `eval.every` steps the first `eval.num_cases` held-out cases are validated
+    (`evaluation.validation`). The evaluation at the end loads the run back from its
+    workdir (`inference.load_run`) and segments every held-out case as `predict` would;
+    its reports go to the workdir.
     """
-    step = train(config, workdir)
+    validate = make_validator(workdir, config.eval.num_cases) if config.eval.every else None
+    step = train(config, workdir, validate)
     result: dict[str, Any] = {"step": step}
-    if config.eval.at_end and read_split(workdir)["val"]:
+    evaluated = bool(config.eval.at_end and read_split(workdir)["val"])
+    if evaluated:
         run = load_run(workdir)
         scores = evaluate_run(run, held_out_cases(run), tensorboard=True)
         result["dice"] = scores
         if jax.process_index() == 0:
             print(summary_markdown(scores))
+    if jax.process_index() == 0:
+        print(end_message(config, workdir, step, evaluated), flush=True)
     return result
 
 
@@ -131,7 +163,7 @@ def main(argv: list[str]) -> None:
     if FLAGS.dry_run:
         print(describe_model(config))
         return
-    if not FLAGS["verbosity"].present and jax.process_index() != 0:
+    if not verbose() and jax.process_index() != 0:
         # Orbax logs every save at INFO; the progress bar of process 0 says what is needed.
         logging.set_verbosity(logging.ERROR)
     if FLAGS.workdir is None:

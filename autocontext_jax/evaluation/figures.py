@@ -1,6 +1,7 @@
 """Pictures of a run: slices with the reference and every level overlaid, training curves.
 
-Writes WORKDIR/plots/CASE_axial.png, CASE_coronal.png and training_curves.png. The
+Writes WORKDIR/plots/CASE_axial.png, CASE_coronal.png and training_curves.png (the losses
+with smoothing and the validation Dice of metrics.jsonl). The
 predictions drawn are `inference.segment`'s, the labels `predict` writes. Needs
 matplotlib (`pip install -e ".[plot]"`); training does not.
 """
@@ -20,7 +21,9 @@ from autocontext_jax.data.labels import class_names
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.evaluation import visualize
 from autocontext_jax.evaluation.evaluate import held_out_cases, load_case
+from autocontext_jax.evaluation.validation import CASES_KEY, DICE_PREFIX
 from autocontext_jax.inference import Run, load_run, segment
+from autocontext_jax.training.logs import METRICS_FILE
 
 PLOTS_DIR = "plots"
 
@@ -74,28 +77,66 @@ def slices_figure(
 
 def read_metrics(workdir: str | pathlib.Path) -> list[dict[str, float]]:
     """The lines of WORKDIR/metrics.jsonl, in order."""
-    path = pathlib.Path(workdir) / "metrics.jsonl"
+    path = pathlib.Path(workdir) / METRICS_FILE
     if not path.is_file():
         raise DatasetError(f"{path}: no training metrics")
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def curves_figure(records: Sequence[dict[str, float]]):
-    """A matplotlib Figure: total and per-level losses, learning rate, and steps/s."""
+def smooth(values: Sequence[float], weight: float = 0.8) -> np.ndarray:
+    """TensorBoard's smoothing: a debiased exponential moving average with this weight."""
+    smoothed, average = [], 0.0
+    for count, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight**count))
+    return np.asarray(smoothed)
+
+
+def curves_figure(records: Sequence[dict[str, float]], smoothing: float = 0.8):
+    """A matplotlib Figure: losses, validation Dice, learning rate and steps/s against step.
+
+    The losses are drawn raw (faint) and smoothed (`smooth`); the validation panel has
+    the Dice (%) of every class and, bold, their average, at the steps validated.
+    """
     figure_class = _figure_class()
-    steps = [r["step"] for r in records]
-    figure = figure_class(figsize=(13, 3.8), layout="constrained")
-    loss_ax, lr_ax, speed_ax = figure.subplots(1, 3)
-    loss_names = ["loss"] + sorted(name for name in records[0] if name.startswith("loss_level_"))
+    training = [r for r in records if "loss" in r]
+    validation = [r for r in records if f"{DICE_PREFIX}/average" in r]
+    steps = [r["step"] for r in training]
+    figure = figure_class(figsize=(17, 4.2), layout="constrained")
+    loss_ax, dice_ax, lr_ax, speed_ax = figure.subplots(1, 4)
+    loss_names = ["loss"] + sorted(name for name in training[0] if name.startswith("loss_level_"))
     for name in loss_names:
         label = "total" if name == "loss" else f"level {name.rsplit('_', 1)[1]}"
-        loss_ax.plot(steps, [r[name] for r in records], label=label)
-    loss_ax.set(title="training loss", xlabel="step")
+        values = [r[name] for r in training]
+        (line,) = loss_ax.plot(steps, smooth(values, smoothing), label=label)
+        loss_ax.plot(steps, values, color=line.get_color(), alpha=0.25, linewidth=0.8)
+    loss_ax.set(
+        title=f"training loss (smoothed {smoothing:g}, raw faint)", xlabel="step", ylabel="loss"
+    )
     loss_ax.legend()
-    lr_ax.plot(steps, [r["learning_rate"] for r in records])
-    lr_ax.set(title="learning rate", xlabel="step")
-    speed_ax.plot(steps, [r["steps_per_second"] for r in records])
-    speed_ax.set(title="steps per second", xlabel="step")
+    if validation:
+        val_steps = [r["step"] for r in validation]
+        names = [
+            name.split("/", 1)[1]
+            for name in validation[0]
+            if name.startswith(f"{DICE_PREFIX}/") and not name.endswith("/average")
+        ]
+        for name in names:
+            values = [100 * r[f"{DICE_PREFIX}/{name}"] for r in validation]
+            dice_ax.plot(val_steps, values, marker=".", linewidth=1, label=name)
+        values = [100 * r[f"{DICE_PREFIX}/average"] for r in validation]
+        dice_ax.plot(val_steps, values, "k-o", linewidth=2.5, label="average")
+        cases = int(validation[-1].get(CASES_KEY, 0))
+        plural = "s" if cases != 1 else ""
+        dice_ax.set_title(f"validation Dice, finest level ({cases} held-out case{plural})")
+        dice_ax.legend(fontsize=7, ncols=2)
+    else:
+        dice_ax.set_title("validation Dice (none: eval.every = 0)")
+    dice_ax.set(xlabel="step", ylabel="Dice (%)", ylim=(0, 100))
+    lr_ax.plot(steps, [r["learning_rate"] for r in training])
+    lr_ax.set(title="learning rate", xlabel="step", ylabel="learning rate")
+    speed_ax.plot(steps, [r["steps_per_second"] for r in training])
+    speed_ax.set(title="training speed", xlabel="step", ylabel="steps per second")
     return figure
 
 

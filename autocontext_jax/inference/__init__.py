@@ -14,6 +14,7 @@ from autocontext_jax.inference.run import (
     checkpoint_time,
     default_options,
     load_run,
+    run_from_state,
 )
 from autocontext_jax.inference.segment import Segmentation, segment
 from autocontext_jax.inference.tiling import WEIGHTINGS, TilingOptions, check_options
@@ -36,6 +37,7 @@ __all__ = [
     "predict_jobs",
     "predict_paths",
     "predict_pyramid",
+    "run_from_state",
     "segment",
     "upsample_to_native",
 ]

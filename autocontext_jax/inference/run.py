@@ -29,9 +29,20 @@ from autocontext_jax.training.checkpointing import (
     CheckpointError,
     read_run_config,
 )
-from autocontext_jax.training.state import restore_evaluation_variables
+from autocontext_jax.training.state import (
+    TrainState,
+    evaluation_variables,
+    restore_evaluation_variables,
+)
 
-__all__ = ["CheckpointError", "Run", "checkpoint_time", "default_options", "load_run"]
+__all__ = [
+    "CheckpointError",
+    "Run",
+    "checkpoint_time",
+    "default_options",
+    "load_run",
+    "run_from_state",
+]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,12 +80,8 @@ class Run:
         return self.config.data.get("unmapped_labels", "background")
 
 
-def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
-    """Load the run in `workdir` at checkpoint `step` (default: the newest).
-
-    Shapes come from the run's config.json; only the variables it evaluates are read.
-    """
-    workdir = pathlib.Path(workdir).absolute()
+def _read_run(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, AutoContextPyramid, Plan]:
+    """(config, model, plan) of the run in `workdir`, from its config.json and plan.json."""
     config = read_run_config(workdir)
     try:
         model = build_pyramid(config)
@@ -86,9 +93,32 @@ def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
         plan = load_run_plan(workdir)
     except DatasetError as error:
         raise CheckpointError(str(error)) from error
+    return config, model, plan
+
+
+def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
+    """Load the run in `workdir` at checkpoint `step` (default: the newest).
+
+    Shapes come from the run's config.json; only the variables it evaluates are read.
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    config, model, plan = _read_run(workdir)
     sharding = parallel.replicated(parallel.make_mesh())
     variables, step = restore_evaluation_variables(workdir, model, config.train, sharding, step)
     return Run(workdir, config, model, variables, step, plan)
+
+
+def run_from_state(workdir: str | os.PathLike, state: TrainState) -> Run:
+    """The Run that `load_run` would give for a checkpoint of `state`, without saving one.
+
+    Validation during training segments through this: the same config, plan and model
+    from the workdir, and the same variables (`evaluation_variables`, which
+    `restore_evaluation_variables` reads back from a checkpoint).
+    """
+    workdir = pathlib.Path(workdir).absolute()
+    config, model, plan = _read_run(workdir)
+    variables = evaluation_variables(state, config.train)
+    return Run(workdir, config, model, variables, int(state.step), plan)
 
 
 def default_options(config: ml_collections.ConfigDict, **overrides: Any) -> TilingOptions:

@@ -42,9 +42,9 @@ def fit_to_run_length(
     """A copy of `config` whose warm-up and intervals fit in train.steps, and a line per change.
 
     A short run (`--config.train.steps=4` on the default config) should just train: a
-    warm-up that is not shorter than the run is capped to train.steps - 1, and checkpoint
-    or log intervals longer than the run become train.steps (the last step is saved and
-    logged anyway).
+    warm-up that is not shorter than the run is capped to train.steps - 1, and checkpoint,
+    log or validation (eval.every) intervals longer than the run become train.steps (the
+    last step is saved and logged anyway, and so validated once).
     """
     config = config.copy_and_resolve_references()
     train, notes = config.train, []
@@ -57,12 +57,15 @@ def fit_to_run_length(
             f"train.steps={steps}: using {steps - 1}"
         )
         train.warmup_steps = steps - 1
-    for name in ("checkpoint_every", "log_every"):
-        if train[name] > steps:
+    intervals = [(train, "train", "checkpoint_every"), (train, "train", "log_every")]
+    intervals.append((config.eval, "eval", "every"))
+    for section, section_name, name in intervals:
+        if section[name] > steps:
             notes.append(
-                f"config.train.{name}={train[name]} exceeds train.steps={steps}: using {steps}"
+                f"config.{section_name}.{name}={section[name]} exceeds train.steps={steps}: "
+                f"using {steps}"
             )
-            train[name] = steps
+            section[name] = steps
     return config, notes
 
 
@@ -167,6 +170,20 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
         f"one of {AUGMENT_DEVICES}",
     )
     _require(augment.scale < 1, "augment.scale", augment.scale, "must be < 1 (zoom by 1 - scale)")
+    every = config.eval.every
+    _require(
+        isinstance(every, int) and every >= 0,
+        "eval.every",
+        every,
+        "must be an integer >= 0 (0: no validation during training)",
+    )
+    num_cases = config.eval.num_cases
+    _require(
+        isinstance(num_cases, int) and num_cases >= 1,
+        "eval.num_cases",
+        num_cases,
+        "must be an integer >= 1",
+    )
     tolerance = config.eval.nsd_tolerance_mm
     _require(
         math.isfinite(tolerance) and tolerance > 0,

@@ -36,9 +36,15 @@ from autocontext_jax.training import (
     preemption,
     workdir_lock,
 )
+from autocontext_jax.training import progress as progress_lib
 from autocontext_jax.training.config_checks import validate_config
+from autocontext_jax.training.progress import say as _say
 from autocontext_jax.training.state import TrainState, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
+
+# A train state -> (scalars, one line for the user), e.g. the held-out Dice; training
+# does not segment whole scans itself, so the caller hands this in (cli/train.py).
+Validate = Callable[[TrainState], tuple[dict[str, float], str]]
 
 # The folder configs/default.py trains on: the phantom is generated there unasked.
 DEFAULT_PHANTOM_DIR = "data/phantom"
@@ -118,12 +124,6 @@ def load_prepared(cases: list[cache_lib.CachedCase]) -> dict[str, PreparedCase]:
     }
 
 
-def _say(message: str) -> None:
-    """Tell the user (process 0 only); absl logging is left to library chatter."""
-    if jax.process_index() == 0:
-        print(message, flush=True)
-
-
 def preprocess_dataset(
     config: ml_collections.ConfigDict,
 ) -> tuple[Plan, dict[str, cache_lib.CachedCase], list, list]:
@@ -184,12 +184,15 @@ def train_loop(
     rng: jax.Array,
     pipeline_state: Callable[[int], dict] | None = None,
     stop: preemption.StopSignals | None = None,
+    validate: Validate | None = None,
 ) -> TrainState:
     """Run the steps from state.step to train.steps, logging and checkpointing as configured.
 
     `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
     checkpoint of step k. When `stop` says so after a step (a SIGTERM), that step is saved
-    and preemption.StoppedBySignalError raised.
+    and preemption.StoppedBySignalError raised. `validate(state)` runs every `eval.every`
+    steps; its scalars go to the logs with the seconds it took (`val_seconds`), its line
+    to the user.
     """
     stop = stop or preemption.StopSignals()
 
@@ -197,17 +200,13 @@ def train_loop(
         return checkpointing.save_args(state, pipeline_state(step) if pipeline_state else {})
 
     start_step = int(state.step)
-    progress = tqdm.tqdm(
-        total=config.train.steps,
-        initial=start_step,
-        desc="train",
-        disable=jax.process_index() != 0,
-        dynamic_ncols=True,
-    )
+    progress = progress_lib.StepProgress(config.train.steps, start_step)
     writer = logs.MetricWriter(workdir, start_step=start_step)
     last_time, last_step = time.perf_counter(), start_step
     first_bad = np.int32(-1)
     saving = False
+    eval_every = config.eval.every if validate is not None else 0
+    finished = False
     try:
         for step in range(start_step + 1, config.train.steps + 1):
             state, metrics = train_step(state, next(batches), rng)
@@ -216,13 +215,19 @@ def train_loop(
             # save; reading the manager's flag costs no synchronisation with the device.
             if saving:
                 saving = checkpointing.check_saves(manager, step)
+            if step == start_step + 1:
+                # The first step compiles: waiting for it once times the compilation and
+                # keeps it out of the bar's rate and the first steps/s.
+                first_bad.block_until_ready()
+                progress.compiled(step)
+                last_time, last_step = time.perf_counter(), step
             if step % config.train.checkpoint_every == 0:
                 # The save waits for the state anyway; only finite states are saved, so
                 # the checkpoints it rotates out are never traded for a bad one.
                 _stop_if_diverged(first_bad, step, manager)
                 checkpointing.save(manager, step, save_args(state, step))
                 saving = True
-            progress.update(1)
+                progress.completed(step)
             if step % config.train.log_every == 0 or step == config.train.steps:
                 # The only host synchronisation of the loop besides the saves.
                 _stop_if_diverged(first_bad, step, manager)
@@ -230,8 +235,19 @@ def train_loop(
                 now = time.perf_counter()
                 values["steps_per_second"] = (step - last_step) / max(now - last_time, 1e-9)
                 last_time, last_step = now, step
+                progress.completed(step)
                 progress.set_postfix(_progress_postfix(values))
                 writer.write_scalars(step, values)
+            if eval_every and step % eval_every == 0:
+                _stop_if_diverged(first_bad, step, manager)  # never validate a bad state
+                started = time.perf_counter()
+                scalars, line = validate(state)
+                seconds = time.perf_counter() - started
+                if scalars:
+                    writer.write_scalars(step, {**scalars, "val_seconds": seconds})
+                progress.validated(seconds, line)
+                progress.completed(step)
+                last_time += seconds  # steps/s counts training only
             if step < config.train.steps and stop.stop_at(step):
                 # Saved as at the end of a run: finite states only, and committed before
                 # the process exits.
@@ -247,8 +263,9 @@ def train_loop(
         if manager.latest_step() != final:
             checkpointing.save(manager, final, save_args(state, final), force=True)
         checkpointing.finish_saves(manager, final)
+        finished = True
     finally:
-        progress.close()
+        progress.close(int(state.step) if finished else None)
         writer.close()
         # A save in flight holds a finite state: let it commit, whatever stopped the loop.
         manager.wait_until_finished()
@@ -265,11 +282,16 @@ def absolute_paths(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
     return config
 
 
-def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int:
+def train(
+    config: ml_collections.ConfigDict,
+    workdir: str | pathlib.Path,
+    validate: Validate | None = None,
+) -> int:
     """Train the pyramid in `workdir`, resuming from its newest checkpoint; the final step.
 
     The workdir gets the resolved config (data folders made absolute), the split, the
     plan, the checkpoints and the logs; evaluation reads the run back from there.
+    `validate` (see `train_loop`) runs every `eval.every` steps.
     """
     validate_config(config, jax.device_count())
     config = absolute_paths(config)
@@ -282,10 +304,12 @@ def train(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> int
             note = held.enter_context(workdir_lock.hold(workdir))
             if note:
                 _say(note)
-        return _train_in(config, workdir)
+        return _train_in(config, workdir, validate)
 
 
-def _train_in(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
+def _train_in(
+    config: ml_collections.ConfigDict, workdir: pathlib.Path, validate: Validate | None
+) -> int:
     """`train`'s work once the workdir is held."""
     if jax.process_index() == 0:
         checkpointing.write_config(workdir, config)
@@ -300,6 +324,20 @@ def _train_in(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
     )
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
+    if jax.process_index() == 0:
+        split = dataset_lib.read_split(workdir)
+        _say(
+            progress_lib.start_block(
+                config,
+                workdir.absolute(),
+                model,
+                state.params,
+                len(split["train"]),
+                len(split["val"]),
+                restored_step or 0,
+                validate is not None,
+            )
+        )
     host_batches = train_batches(
         sampler,
         config,
@@ -325,6 +363,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: pathlib.Path) -> int:
                 rng,
                 host_batches.state_at,
                 stop,
+                validate,
             )
     finally:
         manager.close()

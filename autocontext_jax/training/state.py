@@ -115,9 +115,17 @@ def ema_update(ema: Any, params: Any, step: jax.Array, decay: float) -> Any:
     return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
+def evaluated_params_field(train_config: ml_collections.ConfigDict) -> str:
+    """The TrainState field that is evaluated: `ema_params` when train.ema_decay > 0."""
+    return "ema_params" if train_config.ema_decay > 0 else "params"
+
+
 def evaluation_variables(state: TrainState, train_config: ml_collections.ConfigDict) -> dict:
-    """The variables to evaluate: averaged parameters when train.ema_decay > 0."""
-    params = state.ema_params if train_config.ema_decay > 0 else state.params
+    """The variables to evaluate: averaged parameters when train.ema_decay > 0.
+
+    What `restore_evaluation_variables` reads from a checkpoint of this state.
+    """
+    params = getattr(state, evaluated_params_field(train_config))
     return {"params": params, "batch_stats": state.batch_stats}
 
 
@@ -136,7 +144,7 @@ def restore_evaluation_variables(
     read, into the shapes of `model`.
     """
     abstract = abstract_variables(model)
-    params_field = "ema_params" if train_config.ema_decay > 0 and not live else "params"
+    params_field = "params" if live else evaluated_params_field(train_config)
     target = {params_field: abstract["params"], "batch_stats": abstract["batch_stats"]}
     target = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), target
