@@ -97,11 +97,22 @@ def verbose() -> bool:
     return bool(asked or flags.FLAGS["verbosity"].present)
 
 
+class _NotOrbax(std_logging.Filter):
+    """Drops Orbax's records: a failed background save is logged, with its traceback, by
+    every thread that saw it, and the run raises the same error itself as one line."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return f"{os.sep}orbax{os.sep}" not in record.pathname
+
+
 def quiet_logging() -> None:
     """Library chatter (Orbax logs every save at INFO) only when asked for with --verbose."""
     if flags.FLAGS["verbosity"].present:
         return
     logging.set_verbosity(logging.INFO if verbose() else logging.WARNING)
+    handler = logging.get_absl_handler()
+    if not verbose() and not any(isinstance(f, _NotOrbax) for f in handler.filters):
+        handler.addFilter(_NotOrbax())
 
 
 def quiet_start_up() -> None:

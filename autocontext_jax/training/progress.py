@@ -140,12 +140,12 @@ class StepProgress:
         if self.enabled and line:
             tqdm.tqdm.write(f"{line} ({seconds:.1f} s)")
 
-    def close(self, step: int) -> None:
-        """Close the bar and say how the time went."""
+    def close(self, step: int | None) -> None:
+        """Close the bar and, for a run that reached `step` (None: it stopped on an error),
+        say how the time went."""
         if self.bar is not None:
             self.bar.close()
-        steps = step - self.start_step
-        if steps <= 0:
+        if step is None or step <= self.start_step:
             return
         total = time.perf_counter() - self._start
         line = (
