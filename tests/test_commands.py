@@ -354,3 +354,17 @@ def test_every_subcommand_help_exits_0_in_process(name):
     result = run_autocontext(name, "--help")
     assert result.returncode == 0, result.stderr
     assert f"autocontext {name} " in result.stdout and "Flags:" in result.stdout
+
+
+def test_closed_event_loop_noise_is_dropped_and_other_errors_still_shown(capsys):
+    # TensorStore prints the callbacks that fail after a failed save closed Orbax's loop.
+    from autocontext_jax.cli import common
+
+    shown = []
+    hook = common._without_closed_loop_noise(lambda *error: shown.append(error[1]))
+    hook(RuntimeError, RuntimeError("Event loop is closed"), None)
+    assert shown == []
+    other = RuntimeError("something else")
+    hook(RuntimeError, other, None)
+    hook(ValueError, ValueError("Event loop is closed"), None)
+    assert shown[0] is other and isinstance(shown[1], ValueError)

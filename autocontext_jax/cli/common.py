@@ -7,7 +7,7 @@ import os
 import sys
 import textwrap
 from collections.abc import Callable, Sequence
-from typing import NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import jax
 from absl import app, flags, logging
@@ -219,6 +219,22 @@ def command_help(doc: str, defined: Sequence[flags.Flag], takes_config: bool) ->
     return "\n\n".join(parts) + "\n"
 
 
+def _without_closed_loop_noise(hook: Callable) -> Callable:
+    """`hook`, silent for the "Event loop is closed" errors of TensorStore's callbacks.
+
+    When an Orbax save fails (a full disk), its event loop closes while TensorStore's
+    writes still finish; each one's callback then fails and TensorStore prints it through
+    sys.excepthook, hundreds of tracebacks around the one line the run prints itself.
+    """
+
+    def filtered(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+        if kind is RuntimeError and str(value) == "Event loop is closed":
+            return
+        hook(kind, value, traceback)
+
+    return filtered
+
+
 def run_command(
     doc: str,
     define_flags: Callable[[], None],
@@ -260,6 +276,9 @@ def run_command(
         quiet_start_up()
         if computes:
             use_platform(flags.FLAGS.platform)
+        previous_hook = sys.excepthook
+        if not verbose():
+            sys.excepthook = _without_closed_loop_noise(previous_hook)
         try:
             main(remaining)
         except Exception as error:
@@ -270,5 +289,7 @@ def run_command(
                 raise
             # absl would print a UsageError after the __main__ module's docstring and flags.
             sys.exit(line)
+        finally:
+            sys.excepthook = previous_hook
 
     app.run(start, argv=argv, flags_parser=parse_flags)
