@@ -197,15 +197,25 @@ class Injector:
         return Strike(fault, detail, True, f"resumed from [{kept}]{note}; equal bit for bit")
 
     def sigkill(self) -> Strike:
-        """SIGKILL at a random moment between start-up and the final save."""
+        """SIGKILL at a random moment: in start-up (1 in 5), or up to 1 s after a random save."""
         workdir, log = self._fresh("sigkill")
-        delay = self.rng.uniform(self.first_checkpoint_s * 0.5, self.duration * 0.95)
         process = _start(_run_flags(self.data, workdir, self.steps), log)
-        time.sleep(delay)
+        if self.rng.random() < 0.2:
+            delay = self.rng.uniform(0.0, self.first_checkpoint_s)
+            time.sleep(delay)
+            when = f"{delay:.1f} s into start-up"
+        else:
+            # The run's own progress, not the clock, picks the moment: a kill lands in a
+            # step, a save or the final save, whatever the machine's load.
+            target = self.rng.randrange(5, self.steps, 5)
+            _wait_for_checkpoint(workdir, process, target)
+            delay = self.rng.uniform(0.0, 1.0)
+            time.sleep(delay)
+            when = f"{delay:.2f} s after save {target} committed"
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
-        detail = f"after {delay:.1f} s, committed {_committed_steps(workdir)[-1:] or 'none'}"
+        detail = f"{when}, committed {_committed_steps(workdir)[-1:] or 'none'}"
         return self._resume_and_compare("sigkill", detail, workdir, log)
 
     def sigterm(self) -> Strike:
