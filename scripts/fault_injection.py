@@ -244,6 +244,11 @@ class Injector:
             if steps[-1:] != [self.steps]:
                 return Strike("sigterm", detail, False, "exit code 0 for an unfinished run")
             return self._resume_and_compare("sigterm", f"{detail} (run had ended)", workdir, log)
+        if rc < 0 and steps[-1:] == [self.steps]:
+            # The signal came after the loop had saved the final step (the default handler
+            # is back by then): nothing was left to save, so nothing was lost.
+            detail += " (after the final save)"
+            return self._resume_and_compare("sigterm", detail, workdir, log)
         if rc < 0 or not said_resume:
             return Strike("sigterm", detail, False, "killed by the signal, no save or message")
         return self._resume_and_compare("sigterm", detail, workdir, log)
