@@ -49,6 +49,26 @@ def make_tiny_config(data_dir: str = "unused") -> ml_collections.ConfigDict:
     return config
 
 
+def tiny_train_command(data_dir, workdir, *overrides: str) -> list[str]:
+    """`python -m autocontext_jax.main` with make_tiny_config's sizes, as a user types it."""
+    return [
+        sys.executable,
+        "-m",
+        "autocontext_jax.main",
+        f"--config={pathlib.Path(__file__).resolve().parents[1] / 'configs' / 'default.py'}",
+        f"--workdir={workdir}",
+        f"--config.data.dir={data_dir}",
+        "--config.data.phantom_cases=0",
+        "--config.data.num_val_cases=1",
+        "--config.data.crop_size=8",
+        "--config.model.width=2",
+        "--config.model.num_poolings=1",
+        "--config.train.batch_size=2",
+        "--config.train.warmup_steps=1",
+        *overrides,
+    ]
+
+
 @pytest.fixture
 def tiny_config() -> ml_collections.ConfigDict:
     """A fresh tiny config (tests may change it)."""

@@ -17,24 +17,11 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 def _tiny_run_args(data_dir, workdir):
-    """`main` on the tiny config of conftest.make_tiny_config, as command-line overrides."""
-    return [
-        "-m",
-        "autocontext_jax.main",
-        f"--config={REPO / 'configs' / 'default.py'}",
-        f"--workdir={workdir}",
-        f"--config.data.dir={data_dir}",
-        "--config.data.phantom_cases=0",
-        "--config.data.num_val_cases=1",
-        "--config.data.crop_size=8",
-        "--config.model.width=2",
-        "--config.model.num_poolings=1",
-        "--config.train.steps=3",
-        "--config.train.batch_size=2",
-        "--config.train.warmup_steps=1",
-        "--config.train.checkpoint_every=3",
-        "--config.train.log_every=1",
-    ]
+    """`main` on the tiny config, 3 steps saved at the end, as command-line overrides."""
+    from conftest import tiny_train_command
+
+    overrides = ("--config.train.steps=3", "--config.train.checkpoint_every=3")
+    return tiny_train_command(data_dir, workdir, *overrides, "--config.train.log_every=1")[1:]
 
 
 def _free_port() -> int:

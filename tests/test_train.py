@@ -474,25 +474,10 @@ def test_a_short_run_fits_its_warmup_and_intervals_and_says_so():
 
 
 def _tiny_train_command(data_dir, workdir, *overrides: str) -> list[str]:
-    """The train command with make_tiny_config's sizes, as a user would type it."""
-    return [
-        sys.executable,
-        "-m",
-        "autocontext_jax.main",
-        "--config",
-        "configs/default.py",
-        f"--workdir={workdir}",
-        f"--config.data.dir={data_dir}",
-        "--config.data.phantom_cases=0",
-        "--config.data.num_val_cases=1",
-        "--config.data.crop_size=8",
-        "--config.model.width=2",
-        "--config.model.num_poolings=1",
-        "--config.train.batch_size=2",
-        "--config.train.warmup_steps=1",
-        "--config.eval.at_end=False",
-        *overrides,
-    ]
+    """The train command with make_tiny_config's sizes, without the end-of-run evaluation."""
+    from conftest import tiny_train_command
+
+    return tiny_train_command(data_dir, workdir, "--config.eval.at_end=False", *overrides)
 
 
 @pytest.mark.slow
