@@ -14,6 +14,7 @@ import pytest
 
 from autocontext_jax import inference
 from autocontext_jax.cli.train import train_and_evaluate
+from autocontext_jax.evaluation import diagnose
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.training import checkpointing, loop, parallel, workdir_lock
 from autocontext_jax.training.state import make_optimizer, restore_or_create_state
@@ -213,6 +214,15 @@ def test_a_checkpoint_written_before_the_checksums_still_loads_with_a_note(
     _, step, _ = _restore_for_training(workdir)
     assert step == 4
     assert "step 4 has no sha256.json" in capsys.readouterr().err
+
+
+def test_diagnose_notes_a_checkpoint_without_checksums_once(two_checkpoints, tmp_path, capsys):
+    # It reads the checkpoint twice (the evaluated and the last parameters).
+    workdir = _copy(two_checkpoints, tmp_path)
+    for manifest in (workdir / "checkpoints").glob(f"*/{checkpointing.MANIFEST_FILE}"):
+        manifest.unlink()
+    diagnose.make_diagnosis(inference.load_run(workdir))
+    assert capsys.readouterr().err.count("has no sha256.json") == 1
 
 
 def test_a_run_loads_while_another_trains_in_its_workdir(two_checkpoints):

@@ -115,6 +115,11 @@ def test_level_1_is_frozen_during_level_2s_phase(tiny_phantom, tmp_path):
         # Level 2 did not move in level 1's phase, and learned in its own.
         _assert_equal(_leaves(getattr(initial, field), 2), _leaves(before, 2))
         assert _differs(_leaves(before, 2), _leaves(after, 2)), field
+    # A resume that would move level 2's phase (to start at step 3) is refused.
+    config.pyramid.level_steps = ()
+    config.train.steps = 6
+    with pytest.raises(checkpointing.CheckpointError, match=r"phases .* start at steps \[0, 2\]"):
+        train_and_evaluate(config, str(tmp_path / "run"))
 
 
 @pytest.mark.slow

@@ -83,8 +83,15 @@ class Diagnosis:
 def make_diagnosis(run: Run, level_function: LevelFunction = predict_level) -> Diagnosis:
     """Read the run's last (not averaged) parameters beside its evaluated ones."""
     sharding = parallel.replicated(parallel.make_mesh())
+    # load_run read this checkpoint already and gave its notes.
     live, _ = restore_evaluation_variables(
-        run.workdir, run.model, run.config.train, sharding, run.step, live=True
+        run.workdir,
+        run.model,
+        run.config.train,
+        sharding,
+        run.step,
+        live=True,
+        note_unchecked=False,
     )
     return Diagnosis(live, default_options(run.config), level_function)
 

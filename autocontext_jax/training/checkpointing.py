@@ -203,12 +203,16 @@ def restore_latest(manager: ocp.CheckpointManager, target: Any) -> tuple[Any, in
 
 
 def restore_fields(
-    workdir: str | os.PathLike, target: dict[str, Any], step: int | None = None
+    workdir: str | os.PathLike,
+    target: dict[str, Any],
+    step: int | None = None,
+    note_unchecked: bool = True,
 ) -> tuple[dict[str, Any], int]:
     """Some fields of the train state saved at `step` (default: the newest intact one) of a run.
 
     `target` maps field names of the train state (e.g. "params", "batch_stats") to trees
-    of shape structs with shardings; nothing else (optimiser moments) is read.
+    of shape structs with shardings; nothing else (optimiser moments) is read. A second
+    read of a checkpoint already read passes `note_unchecked=False`: its note was given.
     """
     directory = pathlib.Path(workdir).absolute() / CHECKPOINTS_DIR
     if not directory.is_dir():
@@ -242,6 +246,7 @@ def restore_fields(
             restore,
             lambda restored: restored,
             model_source=pathlib.Path(workdir) / CONFIG_FILE,
+            note_unchecked=note_unchecked,
         )
         for bad_step, damage in skipped:
             folder = directory / str(bad_step)
@@ -257,6 +262,7 @@ def _newest_intact(
     restore: Callable[[int], Any],
     arrays: Callable[[Any], Any],
     model_source: pathlib.Path | None = None,
+    note_unchecked: bool = True,
 ) -> tuple[Any, int, list[tuple[int, str]]]:
     """(restore(step), step, [(newer step, damage)]) of the newest intact step.
 
@@ -269,7 +275,7 @@ def _newest_intact(
         folder = directory / str(step)
         damage = checksums.find_damage(folder)
         if damage is None:
-            if not checksums.has_manifest(folder):
+            if note_unchecked and not checksums.has_manifest(folder):
                 _warn(
                     f"Note: the checkpoint of step {step} has no {MANIFEST_FILE} (saved before "
                     "checkpoints had one): its files cannot be checked, only its values"
@@ -348,8 +354,16 @@ class _PipelineState:
         """Nothing to prefetch: the handler calls this after a restore."""
 
 
-def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) -> None:
-    """Write the resolved config to WORKDIR/config.json, refusing shape-changing resumes."""
+def write_config(
+    workdir: str | os.PathLike,
+    config: ml_collections.ConfigDict,
+    refuse: Callable[[ml_collections.ConfigDict, ml_collections.ConfigDict], str | None]
+    | None = None,
+) -> None:
+    """Write the resolved config to WORKDIR/config.json, refusing shape-changing resumes.
+
+    `refuse(saved config, config)` may name another change a resume must not make.
+    """
     path = pathlib.Path(workdir) / CONFIG_FILE
     if path.exists() and (pathlib.Path(workdir) / CHECKPOINTS_DIR).exists():
         saved = json.loads(path.read_text())
@@ -363,6 +377,9 @@ def write_config(workdir: str | os.PathLike, config: ml_collections.ConfigDict) 
                 f"{path}: the run in this workdir has other model shapes; start a new "
                 f"workdir or keep these fields: " + "; ".join(changed)
             )
+        problem = refuse(ml_collections.ConfigDict(saved), config) if refuse else None
+        if problem:
+            raise CheckpointError(f"{path}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
 

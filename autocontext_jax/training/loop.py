@@ -312,7 +312,7 @@ def _train_in(
 ) -> int:
     """`train`'s work once the workdir is held."""
     if jax.process_index() == 0:
-        checkpointing.write_config(workdir, config)
+        checkpointing.write_config(workdir, config, refuse=phases.moved_phases)
     sampler, _ = prepare_data(config, workdir)
 
     model = build_pyramid(config)

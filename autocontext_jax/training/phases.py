@@ -11,6 +11,7 @@ phase boundary exactly as an uninterrupted one.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any, NamedTuple
 
 import jax
@@ -48,6 +49,28 @@ def phase_bounds(config: ml_collections.ConfigDict) -> list[tuple[int, int]]:
     """(first step, end step) of each level's phase, level 1 first."""
     starts = phase_starts(config)
     return list(zip(starts, [*starts[1:], config.train.steps], strict=True))
+
+
+def moved_phases(saved: ml_collections.ConfigDict, config: ml_collections.ConfigDict) -> str | None:
+    """Why a separately trained run saved with `saved` must not resume with `config`, or None.
+
+    The phase of a step follows from the config alone, so moved phase starts would retrain
+    a frozen level or freeze one early; the finest level's phase may grow (train.steps).
+    """
+    if not (is_separate(saved) and is_separate(config)):
+        return None
+    before, after = phase_starts(saved), phase_starts(config)
+    if before == after:
+        return None
+    kept = tuple(end - start for start, end in itertools.pairwise(before))
+    return (
+        f"the levels' phases of the run in this workdir start at steps {list(before)}, this "
+        f"config's at {list(after)} (config.train.steps: {saved.train.steps!r} -> "
+        f"{config.train.steps!r}, config.pyramid.level_steps: "
+        f"{tuple(saved.pyramid.get('level_steps', ()))!r} -> "
+        f"{tuple(config.pyramid.get('level_steps', ()))!r}); start a new workdir, or set "
+        f"pyramid.level_steps={kept} to train the finest level longer"
+    )
 
 
 class PhasedState(NamedTuple):

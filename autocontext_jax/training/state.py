@@ -136,6 +136,7 @@ def restore_evaluation_variables(
     sharding: jax.sharding.Sharding,
     step: int | None = None,
     live: bool = False,
+    note_unchecked: bool = True,
 ) -> tuple[dict[str, Any], int]:
     """(variables, step): what `evaluation_variables` gives, read from a run's checkpoint.
 
@@ -149,5 +150,5 @@ def restore_evaluation_variables(
     target = jax.tree.map(
         lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding), target
     )
-    restored, step = checkpointing.restore_fields(workdir, target, step)
+    restored, step = checkpointing.restore_fields(workdir, target, step, note_unchecked)
     return {"params": restored[params_field], "batch_stats": restored["batch_stats"]}, step
