@@ -81,6 +81,14 @@ def get_config() -> ml_collections.ConfigDict:
     # separate only: the steps of levels 1 .. S-1 in turn, the finest training the rest of
     # train.steps; () splits train.steps equally between the levels.
     config.pyramid.level_steps = ()
+    # Context dropout: in training, each example's context is replaced by the uniform 1/K
+    # with this probability, so the finer level also learns to segment from its image when
+    # the coarser level is wrong (its uniform-context Dice in `autocontext diagnose`).
+    # 0: the paper. Measured at the ablation's size in the README; no gain, so 0.
+    config.pyramid.context_dropout = 0.0
+    # Weight of each level's loss in the summed loss of end_to_end and stagewise, coarsest
+    # first; () = 1 for every level (the paper). A separate run trains each level alone.
+    config.pyramid.level_loss_weights = ()
 
     config.loss = ml_collections.ConfigDict()
     config.loss.name = "dice_ce"  # dice (the paper's Eq. 1) | dice_ce

@@ -49,14 +49,30 @@ def upsample_and_crop(probs: jnp.ndarray, spatial_shape: Sequence[int]) -> jnp.n
 
 
 def with_context(
-    image: jnp.ndarray, coarser_logits: jnp.ndarray, stop_gradient: bool = False
+    image: jnp.ndarray,
+    coarser_logits: jnp.ndarray,
+    stop_gradient: bool = False,
+    dropped: jnp.ndarray | None = None,
 ) -> jnp.ndarray:
-    """`image` with the coarser level's softmax (upsampled x2, centre-cropped) as K channels."""
+    """`image` with the coarser level's softmax (upsampled x2, centre-cropped) as K channels.
+
+    Examples where the (B,) bool `dropped` is set get the uniform 1/K instead (context dropout).
+    """
     context = jax.nn.softmax(coarser_logits, axis=-1)
     if stop_gradient:
         context = jax.lax.stop_gradient(context)
     context = upsample_and_crop(context, image.shape[1:4])
+    if dropped is not None:
+        uniform = jnp.full_like(context, 1.0 / context.shape[-1])
+        context = jnp.where(dropped[:, None, None, None, None], uniform, context)
     return jnp.concatenate([image, context.astype(image.dtype)], axis=-1)
+
+
+def context_dropout_mask(key: jax.Array, batch: int, rate: float) -> jnp.ndarray | None:
+    """Which of `batch` examples lose their context, each with probability `rate` (None at 0)."""
+    if rate <= 0.0:
+        return None
+    return jax.random.bernoulli(key, rate, (batch,))
 
 
 class AutoContextPyramid(nn.Module):
@@ -71,6 +87,9 @@ class AutoContextPyramid(nn.Module):
     dtype: Any = jnp.float32
     bn_momentum: float = 0.9
     conv_impl: str = "auto"
+    # Training only: the probability of replacing an example's context by the uniform 1/K,
+    # drawn from the "context" rng stream.
+    context_dropout: float = 0.0
 
     def setup(self) -> None:
         """Create one U-Net per level, named level_1 (coarsest) ... level_S (finest)."""
@@ -125,7 +144,12 @@ class AutoContextPyramid(nn.Module):
         for s, (net, image) in enumerate(zip(self.levels, images, strict=True)):
             x = image
             if self.takes_context(s + 1):
-                x = with_context(image, logits[-1], stop_gradient=self.mode != "end_to_end")
+                dropped = None
+                if train and self.context_dropout > 0:
+                    key = self.make_rng("context")
+                    dropped = context_dropout_mask(key, image.shape[0], self.context_dropout)
+                stop = self.mode != "end_to_end"
+                x = with_context(image, logits[-1], stop_gradient=stop, dropped=dropped)
             logits.append(net(x, train=train))
         return logits
 
@@ -142,4 +166,5 @@ def build_pyramid(config: ml_collections.ConfigDict) -> AutoContextPyramid:
         dtype=COMPUTE_DTYPES[config.model.compute_dtype],
         bn_momentum=config.model.bn_momentum,
         conv_impl=config.model.get("conv_impl", "auto"),
+        context_dropout=float(config.pyramid.get("context_dropout", 0.0)),
     )

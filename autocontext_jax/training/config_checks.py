@@ -81,6 +81,7 @@ def validate_config(config: ml_collections.ConfigDict, device_count: int) -> Non
     )
     _require(pyramid.mode in CONTEXT_MODES, "pyramid.mode", pyramid.mode, f"one of {CONTEXT_MODES}")
     _check_level_steps(config)
+    _check_context_options(pyramid)
     _require(model.width >= 1, "model.width", model.width, "must be positive")
     _require(model.num_poolings >= 1, "model.num_poolings", model.num_poolings, "must be >= 1")
     _require(model.in_channels >= 1, "model.in_channels", model.in_channels, "must be >= 1")
@@ -215,6 +216,27 @@ def _check_level_steps(config: ml_collections.ConfigDict) -> None:
         pyramid.level_steps,
         f"() or {pyramid.levels - 1} positive step counts, one per level but the finest, "
         f"summing to less than train.steps={steps}",
+    )
+
+
+def _check_context_options(pyramid: ml_collections.ConfigDict) -> None:
+    rate = pyramid.get("context_dropout", 0.0)
+    _require(
+        isinstance(rate, int | float) and 0.0 <= rate < 1.0,
+        "pyramid.context_dropout",
+        rate,
+        "must be a probability from 0 (the paper) up to, not including, 1",
+    )
+    weights = tuple(pyramid.get("level_loss_weights", ()))
+    if not weights:
+        return
+    _require(
+        len(weights) == pyramid.levels
+        and all(isinstance(w, int | float) and math.isfinite(w) and w >= 0 for w in weights)
+        and sum(weights) > 0,
+        "pyramid.level_loss_weights",
+        pyramid.level_loss_weights,
+        f"() or {pyramid.levels} weights >= 0, one per level (coarsest first), not all 0",
     )
 
 

@@ -12,13 +12,16 @@ import optax
 
 from autocontext_jax.data.device_augment import augment_intensity, device_pyramid_crops
 from autocontext_jax.models import conv
-from autocontext_jax.models.pyramid import AutoContextPyramid, with_context
+from autocontext_jax.models.pyramid import AutoContextPyramid, context_dropout_mask, with_context
 from autocontext_jax.training import parallel, phases
 from autocontext_jax.training.losses import segmentation_loss
 from autocontext_jax.training.state import TrainState, ema_update, make_schedule
 
 Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
+
+# The context dropout's keys: fold_in(step key, this), apart from the augmentation's.
+_CONTEXT_STREAM = 1_000_003
 
 
 def all_finite(*trees) -> jax.Array:
@@ -46,6 +49,14 @@ def level_inputs(
     return images, targets
 
 
+def weighted_loss(level_losses: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
+    """The summed loss of the levels, each weighted by `pyramid.level_loss_weights` if set."""
+    weights = tuple(config.pyramid.get("level_loss_weights", ()))
+    if not weights:
+        return jnp.sum(level_losses)
+    return jnp.sum(jnp.asarray(weights, level_losses.dtype) * level_losses)
+
+
 def make_train_step(
     model: nn.Module, optimizer: optax.GradientTransformation, config: ml_collections.ConfigDict
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
@@ -62,10 +73,12 @@ def make_train_step(
         return make_separate_train_step(model, optimizer, config)
     schedule = make_schedule(config.train)
     num_levels = config.pyramid.levels
+    dropout = config.pyramid.get("context_dropout", 0.0) > 0
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(rng, state.step)
         images, targets = level_inputs(batch, rng, config)
+        rngs = {"context": jax.random.fold_in(rng, _CONTEXT_STREAM)} if dropout else None
 
         def loss_fn(params):
             logits, updates = model.apply(
@@ -73,6 +86,7 @@ def make_train_step(
                 images,
                 train=True,
                 mutable=["batch_stats"],
+                rngs=rngs,
             )
             level_losses = jnp.stack(
                 [
@@ -85,7 +99,7 @@ def make_train_step(
                     for level_logits, level_targets in zip(logits, targets, strict=True)
                 ]
             )
-            return jnp.sum(level_losses), (level_losses, updates["batch_stats"])
+            return weighted_loss(level_losses, config), (level_losses, updates["batch_stats"])
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, (level_losses, batch_stats)), grads = grad_fn(state.params)
@@ -125,26 +139,31 @@ def make_separate_train_step(
     finer levels do not run. The frozen levels' parameters, statistics, averages and
     moments are left as they are (`optimizer` is `phases.separate_optimizer`). The loss
     of a level not yet trained is logged as NaN; that of a frozen level is its
-    inference-mode loss on the batch.
+    inference-mode loss on the batch. Context dropout applies to the context of the level
+    that learns.
     """
     bounds = phases.phase_bounds(config)
     num_levels = config.pyramid.levels
     net = model.level_network()
     names = [f"level_{s + 1}" for s in range(num_levels)]
     averaged = config.train.ema_decay > 0
+    dropout = config.pyramid.get("context_dropout", 0.0)
 
     def level_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
         return segmentation_loss(config.loss.name, logits, targets, config.loss.dice_background)
 
-    def phase_loss(phase: int, state: TrainState, images: list, targets: list):
+    def phase_loss(phase: int, state: TrainState, images: list, targets: list, key: jax.Array):
         frozen = state.ema_params if averaged else state.params
+        dropped = context_dropout_mask(key, images[0].shape[0], dropout)
 
         def loss_fn(params):
             losses, logits, batch_stats = [], None, dict(state.batch_stats)
             for s in range(phase + 1):
                 x = images[s]
                 if s > 0 and model.takes_context(s + 1):
-                    x = with_context(x, logits, stop_gradient=True)
+                    x = with_context(
+                        x, logits, stop_gradient=True, dropped=dropped if s == phase else None
+                    )
                 name = names[s]
                 if s < phase:
                     variables = {"params": frozen[name], "batch_stats": state.batch_stats[name]}
@@ -164,11 +183,12 @@ def make_separate_train_step(
         images, targets = level_inputs(batch, rng, config)
         phase = phases.phase_index(state.step, bounds)
         branches = [
-            lambda state, images, targets, p=p: phase_loss(p, state, images, targets)
+            lambda state, images, targets, key, p=p: phase_loss(p, state, images, targets, key)
             for p in range(num_levels)
         ]
+        key = jax.random.fold_in(rng, _CONTEXT_STREAM)
         (loss, (level_losses, batch_stats)), grads = jax.lax.switch(
-            phase, branches, state, images, targets
+            phase, branches, state, images, targets, key
         )
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
