@@ -7,6 +7,8 @@ Levels 1 and 2, context modes end_to_end and none, all on one held-out split of 
 cases; the default U-Net trained for a quarter of the default's steps, so it shows the
 workflow and the direction of the effect, not the paper's numbers.
 With one level there is no context, so the two modes are the same run and run once.
+An example of a sweep file; the ablation with seeds, every mode, paired tests and verdicts
+is `autocontext ablation` (README, "An ablation you can trust").
 """
 
 from autocontext_jax.cli.sweep import product

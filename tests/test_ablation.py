@@ -167,3 +167,33 @@ def test_the_command_trains_the_grid_and_writes_the_report(tiny_phantom, tmp_pat
     assert "end_to_end vs separate at level 2 (Avg.): " in result.stdout
     assert (tmp_path / "ablation.md").read_text() in result.stdout
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_full_grid_goes_to_a_cluster_unchanged(tmp_path):
+    # The paper-size grid as SLURM jobs: printed, nothing written, separate runs doubled.
+    command = [
+        sys.executable,
+        "-m",
+        "autocontext_jax",
+        "ablation",
+        "--config=configs/default.py",
+        "--levels=1,2,3",
+        "--modes=end_to_end,stagewise,separate,none",
+        f"--runs_dir={tmp_path / 'runs'}",
+        "--backend=slurm",
+        "--slurm_gpus_per_node=8",
+        "--dry_run",
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    jobs = [line for line in result.stdout.splitlines() if line.startswith("== ")]
+    assert len(jobs) == 3 + 2 * 4 * 3  # one U-Net per seed; depths 2, 3 x 4 modes x 3 seeds
+    assert any("levels-3_mode-separate_seed-2: sbatch" in job for job in jobs)
+    assert "--config.train.steps=4500" in result.stdout  # 3 levels x the 1,500 steps
+    assert "#SBATCH --gpus-per-node=8" in result.stdout
+    assert not (tmp_path / "runs").exists()
+
+    other = subprocess.run(
+        [*command, "--report_metric=hd95"], capture_output=True, text=True, timeout=300
+    )
+    assert other.returncode != 0 and "--report_metric" in other.stderr

@@ -142,6 +142,8 @@ def main(argv: list[str]) -> None:
     """Launch the grid's runs (unless --report_only), then write and print the report."""
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if FLAGS.report_metric != "dice":
+        raise app.UsageError("--report_metric: the ablation's statistics are of the Dice only")
     if FLAGS.runs_dir is None:
         raise app.UsageError("--runs_dir is required: the folder of the ablation's workdirs")
     levels, seeds = _integers("levels", FLAGS.levels), _integers("seeds", FLAGS.seeds)
