@@ -67,6 +67,8 @@ def test_phases_split_the_steps_between_the_levels(tiny_config):
     bounds = phases.phase_bounds(tiny_config)
     indices = [int(phases.phase_index(np.int32(s), bounds)) for s in (0, 4, 5, 6, 9)]
     assert indices == [0, 0, 1, 2, 2]
+    # The host picks the compiled step of a step number the same way.
+    assert [phases.phase_of(tiny_config, s) for s in (0, 4, 5, 6, 9)] == indices
     # Each phase warms up and decays over its own length, as a run of its own.
     tiny_config.train.warmup_steps = 1
     rates = [float(phases.phase_learning_rate(tiny_config.train, bounds, s)) for s in (0, 1, 5, 6)]

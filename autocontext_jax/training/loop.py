@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import pathlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -40,7 +40,7 @@ from autocontext_jax.training import progress as progress_lib
 from autocontext_jax.training.config_checks import validate_config
 from autocontext_jax.training.progress import say as _say
 from autocontext_jax.training.state import TrainState, restore_or_create_state
-from autocontext_jax.training.step import Batch, jit_train_step, make_train_step
+from autocontext_jax.training.step import Batch, jit_train_step, make_train_steps
 
 # A train state -> (scalars, one line for the user), e.g. the held-out Dice; training
 # does not segment whole scans itself, so the caller hands this in (cli/train.py).
@@ -178,7 +178,7 @@ def train_loop(
     config: ml_collections.ConfigDict,
     workdir: pathlib.Path,
     state: TrainState,
-    train_step: Callable,
+    train_steps: Sequence[Callable],
     batches: Iterator[Batch],
     manager: ocp.CheckpointManager,
     rng: jax.Array,
@@ -187,6 +187,9 @@ def train_loop(
     validate: Validate | None = None,
 ) -> TrainState:
     """Run the steps from state.step to train.steps, logging and checkpointing as configured.
+
+    `train_steps` are the compiled steps of the run's phases (`step.make_train_steps`);
+    `phases.phase_of` picks one for each step number, on the host.
 
     `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
     checkpoint of step k. When `stop` says so after a step (a SIGTERM), that step is saved
@@ -209,6 +212,7 @@ def train_loop(
     finished = False
     try:
         for step in range(start_step + 1, config.train.steps + 1):
+            train_step = train_steps[phases.phase_of(config, step - 1)]
             state, metrics = train_step(state, next(batches), rng)
             first_bad = _track_first_bad_step(first_bad, metrics.pop("finite"), step)
             # A background save that failed (a full disk) stops the run now, not at the next
@@ -347,7 +351,8 @@ def _train_in(
         saved_state=saved_pipeline,
     )
     batches = prefetch_to_device(host_batches, parallel.batch_sharded(mesh))
-    train_step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    # One compiled step per phase; jit compiles each on its first call.
+    train_steps = [jit_train_step(fn, mesh) for fn in make_train_steps(model, optimizer, config)]
     rng = parallel.replicated_key(config.seed + 1, mesh)
     try:
         # Before the steps a signal ends the process as usual: nothing is lost but the
@@ -357,7 +362,7 @@ def _train_in(
                 config,
                 workdir,
                 state,
-                train_step,
+                train_steps,
                 batches,
                 manager,
                 rng,

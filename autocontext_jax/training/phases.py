@@ -115,6 +115,13 @@ def separate_optimizer(
     return optax.GradientTransformation(init, update)
 
 
+def phase_of(config: ml_collections.ConfigDict, step: int) -> int:
+    """The phase (0-based level) that trains from host step number `step`; 0 unless separate."""
+    if not is_separate(config):
+        return 0
+    return sum(step >= start for start in phase_starts(config)[1:])
+
+
 def phase_index(step: jax.Array, bounds: list[tuple[int, int]]) -> jax.Array:
     """The 0-based level whose phase `step` (0-based, the step about to run) belongs to."""
     step = jnp.asarray(step)
