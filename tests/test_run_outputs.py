@@ -102,6 +102,22 @@ def test_tensorboard_tags_group_the_charts():
     assert logs.tensorboard_tag("dice/level_1/liver") == "dice/level_1/liver"
 
 
+def test_a_nan_scalar_goes_to_the_jsonl_only_without_a_warning(tmp_path, capfd):
+    # A separate run logs the loss of a level not yet trained as NaN at every log line.
+    writer = logs.MetricWriter(tmp_path)
+    writer.write_scalars(10, {"loss": 0.5, "loss_level_2": float("nan")})
+    writer.close()
+    line = json.loads((tmp_path / logs.METRICS_FILE).read_text())
+    assert line["loss"] == 0.5 and np.isnan(line["loss_level_2"])
+    tags = {
+        value.tag
+        for event in read_events(tmp_path / logs.TENSORBOARD_DIR)
+        for value in event.summary.value
+    }
+    assert tags == {"loss/total"}
+    assert "NaN" not in capfd.readouterr().err
+
+
 def test_plot_writes_slices_and_curves(trained_run):
     held_out = json.loads((trained_run / "split.json").read_text())["val"][0]
     paths = plot_run(trained_run)

@@ -45,14 +45,19 @@ class MetricWriter:
             )
 
     def write_scalars(self, step: int, scalars: Mapping[str, float], to_jsonl: bool = True) -> None:
-        """One TensorBoard scalar per name at `step`, and (to_jsonl) one metrics.jsonl line."""
+        """One TensorBoard scalar per name at `step`, and (to_jsonl) one metrics.jsonl line.
+
+        A NaN (the loss of a level not yet trained in a separate run) goes to metrics.jsonl
+        only: TensorBoard would draw nothing and tensorboardX warns at every log line.
+        """
         if self._tensorboard is None:
             return
         if to_jsonl:
             with (self.workdir / METRICS_FILE).open("a") as stream:
                 stream.write(json.dumps({"step": step, **scalars}) + "\n")
         for name, value in scalars.items():
-            self._tensorboard.add_scalar(tensorboard_tag(name), value, step)
+            if not np.isnan(value):
+                self._tensorboard.add_scalar(tensorboard_tag(name), value, step)
 
     def write_image(self, step: int, name: str, image: np.ndarray) -> None:
         """An (H, W, 3) uint8 image, in TensorBoard only."""
