@@ -3,10 +3,9 @@
     autocontext ablation --config configs/ablation_cpu.py --levels 1,2 \
         --modes end_to_end,separate,none --seeds 0,1,2 --runs_dir runs/ablation_cpu
 
-About an hour for those 12 runs on a 2-core laptop CPU, an estimate not yet timed end to
-end: about 0.28 s per step of a two-level joint run (the default job's 1,500 steps in
-about 7 minutes of training), half that for one level, a separate run's twice as many
-steps at a level's cost each, and about 1.5 minutes per run to start and to evaluate.
+About 70 minutes for those 12 runs on a 2-core laptop CPU, measured: 4-5 minutes per
+one-level run, 5-7 per two-level joint run (about 0.28 s per step), 7-8 per separate run
+(twice the steps at one level's cost each), each with its start and evaluation.
 12 training and 8 held-out cases: each comparison has 8 cases x 3 seeds = 24 pairs. The phantom
 goes into its own folder, so the default run's data is left alone.
 """
