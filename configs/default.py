@@ -88,6 +88,7 @@ def get_config() -> ml_collections.ConfigDict:
     config.pyramid.context_dropout = 0.0
     # Weight of each level's loss in the summed loss of end_to_end and stagewise, coarsest
     # first; () = 1 for every level (the paper). A separate run trains each level alone.
+    # (2, 1) gave level 1 +2.2 Dice and level 2 -0.3 (not significant; README), so ().
     config.pyramid.level_loss_weights = ()
 
     config.loss = ml_collections.ConfigDict()
