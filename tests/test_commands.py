@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import logging
+import os
 import pathlib
 import subprocess
 import sys
+import types
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from autocontext_jax import __version__
+from autocontext_jax.cli import common
 from autocontext_jax.cli.commands import COMMANDS
 
 # Installed by `pip install -e .` beside the interpreter (CI installs so); absent otherwise.
@@ -368,3 +372,30 @@ def test_closed_event_loop_noise_is_dropped_and_other_errors_still_shown(capsys)
     hook(RuntimeError, other, None)
     hook(ValueError, ValueError("Event loop is closed"), None)
     assert shown[0] is other and isinstance(shown[1], ValueError)
+
+
+def test_orbax_records_and_its_orphaned_tasks_are_dropped_unless_verbose():
+    # A full disk fails every write task of a save; the run says so in one line itself.
+    keep = common._NotOrbax()
+
+    def record(name, path, message):
+        return logging.LogRecord(name, logging.ERROR, path, 1, message, None, None)
+
+    orbax_file = os.path.join(os.sep, "x", "orbax", "checkpoint", "serialization.py")
+    assert not keep.filter(record("absl", orbax_file, "write failed"))
+    orphan = f"Task exception was never retrieved\nfuture: <Task coro=<write() at {orbax_file}:1>>"
+    assert not keep.filter(record("asyncio", "/usr/lib/asyncio/base_events.py", orphan))
+    assert keep.filter(
+        record("asyncio", "/usr/lib/asyncio/base_events.py", "Task exception was never retrieved")
+    )
+    assert keep.filter(record("absl", "/x/autocontext_jax/training/loop.py", "orbax"))
+
+
+def test_the_closed_loop_noise_of_a_failed_save_is_silenced_and_nothing_else():
+    seen = []
+    hook = common._without_closed_loop_unraisable(seen.append)
+    closed = types.SimpleNamespace(exc_value=RuntimeError("Event loop is closed"))
+    other = types.SimpleNamespace(exc_value=RuntimeError("something else"))
+    hook(closed)
+    hook(other)
+    assert seen == [other]

@@ -99,10 +99,15 @@ def verbose() -> bool:
 
 class _NotOrbax(std_logging.Filter):
     """Drops Orbax's records: a failed background save is logged, with its traceback, by
-    every thread that saw it, and the run raises the same error itself as one line."""
+    every thread that saw it, and the run raises the same error itself as one line. So
+    are asyncio's "exception was never retrieved" records of Orbax's write tasks, which
+    the same failure leaves behind when they are garbage-collected."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
-        return f"{os.sep}orbax{os.sep}" not in record.pathname
+        orbax = f"{os.sep}orbax{os.sep}"
+        if orbax in record.pathname:
+            return False
+        return not (record.name == "asyncio" and orbax in record.getMessage())
 
 
 def quiet_logging() -> None:
@@ -235,6 +240,19 @@ def _without_closed_loop_noise(hook: Callable) -> Callable:
     return filtered
 
 
+def _without_closed_loop_unraisable(hook: Callable) -> Callable:
+    """`hook` (sys.unraisablehook), silent for the same "Event loop is closed" errors, which
+    TensorStore's callbacks also report as unraisable."""
+
+    def filtered(unraisable: Any) -> None:
+        value = unraisable.exc_value
+        if isinstance(value, RuntimeError) and str(value) == "Event loop is closed":
+            return
+        hook(unraisable)
+
+    return filtered
+
+
 def run_command(
     doc: str,
     define_flags: Callable[[], None],
@@ -276,9 +294,10 @@ def run_command(
         quiet_start_up()
         if computes:
             use_platform(flags.FLAGS.platform)
-        previous_hook = sys.excepthook
+        previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
         if not verbose():
             sys.excepthook = _without_closed_loop_noise(previous_hook)
+            sys.unraisablehook = _without_closed_loop_unraisable(previous_unraisable)
         try:
             main(remaining)
         except Exception as error:
@@ -291,5 +310,6 @@ def run_command(
             sys.exit(line)
         finally:
             sys.excepthook = previous_hook
+            sys.unraisablehook = previous_unraisable
 
     app.run(start, argv=argv, flags_parser=parse_flags)
