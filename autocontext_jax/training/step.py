@@ -76,7 +76,7 @@ def make_train_step(
         return make_separate_train_step(model, optimizer, config, phase)
     schedule = make_schedule(config.train)
     num_levels = config.pyramid.levels
-    dropout = config.pyramid.get("context_dropout", 0.0) > 0
+    dropout = model.context_dropout > 0  # the pyramid's own field, from the config
 
     def train_step(state: TrainState, batch: Batch, rng: jax.Array) -> tuple[TrainState, Metrics]:
         rng = jax.random.fold_in(rng, state.step)
@@ -153,12 +153,12 @@ def make_separate_train_step(
     net = model.level_network()
     names = [f"level_{s + 1}" for s in range(num_levels)]
     averaged = config.train.ema_decay > 0
-    dropout = config.pyramid.get("context_dropout", 0.0)
+    dropout = model.context_dropout
 
     def level_loss(logits: jax.Array, targets: jax.Array) -> jax.Array:
         return segmentation_loss(config.loss.name, logits, targets, config.loss.dice_background)
 
-    def phase_loss(phase: int, state: TrainState, images: list, targets: list, key: jax.Array):
+    def phase_loss(state: TrainState, images: list, targets: list, key: jax.Array):
         frozen = state.ema_params if averaged else state.params
         dropped = context_dropout_mask(key, images[0].shape[0], dropout)
 
@@ -188,7 +188,7 @@ def make_separate_train_step(
         rng = jax.random.fold_in(rng, state.step)
         images, targets = level_inputs(batch, rng, config)
         key = jax.random.fold_in(rng, _CONTEXT_STREAM)
-        (loss, (level_losses, batch_stats)), grads = phase_loss(phase, state, images, targets, key)
+        (loss, (level_losses, batch_stats)), grads = phase_loss(state, images, targets, key)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         ema_params = {}
