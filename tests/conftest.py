@@ -13,6 +13,7 @@ import traceback
 from unittest import mock
 
 import ml_collections
+import numpy as np
 import pytest
 from absl import flags
 from tensorboardX.proto import event_pb2
@@ -47,6 +48,15 @@ def make_tiny_config(data_dir: str = "unused") -> ml_collections.ConfigDict:
     config.train.checkpoint_every = 2
     config.train.log_every = 2
     return config
+
+
+def fixed_batch(config: ml_collections.ConfigDict, seed: int = 0) -> dict[str, np.ndarray]:
+    """A host batch of the config's shapes whose image is its labels plus a little noise."""
+    rng = np.random.default_rng(seed)
+    c, s = config.data.crop_size, config.pyramid.levels
+    labels = rng.integers(0, 3, size=(config.train.batch_size, s, c, c, c))
+    image = labels[..., None].astype(np.float32) + rng.normal(size=(*labels.shape, 1)) * 0.1
+    return {"image": image.astype(np.float32), "label": np.eye(8, dtype=np.float32)[labels]}
 
 
 def tiny_train_command(data_dir, workdir, *overrides: str) -> list[str]:

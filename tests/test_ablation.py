@@ -14,6 +14,7 @@ from autocontext_jax.training.config_checks import validate_config
 
 CASES = ["a", "b", "c", "d", "e"]
 CLASSES = ["liver", "spleen"]
+ABLATION = [sys.executable, "-m", "autocontext_jax", "ablation", "--config=configs/default.py"]
 
 
 def _result(dice_by_level):
@@ -136,11 +137,7 @@ def test_the_command_trains_the_grid_and_writes_the_report(tiny_phantom, tmp_pat
         "train.log_every": 2,
     }
     command = [
-        sys.executable,
-        "-m",
-        "autocontext_jax",
-        "ablation",
-        "--config=configs/default.py",
+        *ABLATION,
         "--levels=1,2",
         "--modes=end_to_end,separate",
         "--baseline=separate",
@@ -172,11 +169,7 @@ def test_the_command_trains_the_grid_and_writes_the_report(tiny_phantom, tmp_pat
 def test_the_full_grid_goes_to_a_cluster_unchanged(tmp_path):
     # The paper-size grid as SLURM jobs: printed, nothing written, separate runs doubled.
     command = [
-        sys.executable,
-        "-m",
-        "autocontext_jax",
-        "ablation",
-        "--config=configs/default.py",
+        *ABLATION,
         "--levels=1,2,3",
         "--modes=end_to_end,stagewise,separate,none",
         f"--runs_dir={tmp_path / 'runs'}",

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from conftest import fixed_batch, make_tiny_config
 
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import init_variables
@@ -71,14 +71,6 @@ def test_context_dropout_acts_in_training_only_and_a_dropped_context_carries_not
     assert level_1_gradient(0.999) == 0.0
 
 
-def _batch(config, seed=0):
-    rng = np.random.default_rng(seed)
-    c, s = config.data.crop_size, config.pyramid.levels
-    labels = rng.integers(0, 3, size=(config.train.batch_size, s, c, c, c))
-    image = labels[..., None].astype(np.float32) + rng.normal(size=(*labels.shape, 1)) * 0.1
-    return {"image": image.astype(np.float32), "label": np.eye(8, dtype=np.float32)[labels]}
-
-
 def _step_metrics(config, times=1):
     model, optimizer, mesh = (
         build_pyramid(config),
@@ -86,7 +78,7 @@ def _step_metrics(config, times=1):
         parallel.make_mesh(),
     )
     step = jit_train_step(make_train_step(model, optimizer, config), mesh)
-    batch = parallel.put_batch(_batch(config), parallel.batch_sharded(mesh))
+    batch = parallel.put_batch(fixed_batch(config), parallel.batch_sharded(mesh))
     results = []
     for _ in range(times):
         state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))

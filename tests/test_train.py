@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import fixed_batch
 
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data.device_augment import augment_intensity
@@ -69,18 +70,10 @@ def compiled_step():
     return config, model, optimizer, mesh, step
 
 
-def _fixed_batch(config, seed=0):
-    rng = np.random.default_rng(seed)
-    c, s = config.data.crop_size, config.pyramid.levels
-    labels = rng.integers(0, 3, size=(config.train.batch_size, s, c, c, c))
-    image = labels[..., None].astype(np.float32) + rng.normal(size=(*labels.shape, 1)) * 0.1
-    return {"image": image.astype(np.float32), "label": np.eye(8, dtype=np.float32)[labels]}
-
-
 def test_the_step_learns_a_fixed_batch(compiled_step):
     config, model, optimizer, mesh, step = compiled_step
     state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))
-    batch = parallel.put_batch(_fixed_batch(config), parallel.batch_sharded(mesh))
+    batch = parallel.put_batch(fixed_batch(config), parallel.batch_sharded(mesh))
     losses = []
     for _ in range(8):
         state, metrics = step(state, batch, jax.random.key(0))
@@ -95,7 +88,7 @@ def test_the_step_learns_a_fixed_batch(compiled_step):
 def test_the_step_donates_the_state(compiled_step):
     config, model, optimizer, mesh, step = compiled_step
     state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))
-    batch = parallel.put_batch(_fixed_batch(config), parallel.batch_sharded(mesh))
+    batch = parallel.put_batch(fixed_batch(config), parallel.batch_sharded(mesh))
     old_leaf = jax.tree.leaves(state.params)[0]
     step(state, batch, jax.random.key(0))
     assert old_leaf.is_deleted()
