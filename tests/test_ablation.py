@@ -161,6 +161,8 @@ def test_the_command_trains_the_grid_and_writes_the_report(tiny_phantom, tmp_pat
     assert separate["train"]["steps"] == 4
     report = json.loads((tmp_path / "ablation.json").read_text())
     assert report["not_finished"] == [] and len(report["cases"]) == 2
+    assert report["stacks_note"] is None  # every run trained here, on one stack
+    assert all((tmp_path / run / "environment.jsonl").is_file() for run in runs)
     assert "end_to_end vs separate at level 2 (Avg.): " in result.stdout
     assert (tmp_path / "ablation.md").read_text() in result.stdout
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"

@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 
 from autocontext_jax.evaluation import compare
+from autocontext_jax.training import environment
 
 
 def _result(case_ids, level_values, metric="dice"):
@@ -87,6 +88,22 @@ def test_the_command_prints_the_table(tmp_path):
     )
     assert out.returncode == 0, out.stderr
     assert "| HD95 (mm) | base | better |" in out.stdout
+    assert "stack" not in out.stdout  # neither run has a record: nothing to say
+    # Trained on two CPUs: the note comes above the table.
+    record = environment.environment_record(0)
+    for name, cpu in (("base", "CPU A"), ("better", "CPU B")):
+        line = json.dumps({**record, "cpu": cpu}) + "\n"
+        (tmp_path / name / environment.ENVIRONMENT_FILE).write_text(line)
+    out = subprocess.run(
+        [*command, str(tmp_path / "base"), str(tmp_path / "better")], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    note, table = out.stdout.split("\n\n", 1)
+    assert note == "**Runs trained on 2 different software/hardware stacks " + (
+        f"(CPU, devices or package versions, in {environment.ENVIRONMENT_FILE}): base | better; "
+        "a difference between them mixes that change with the one compared.**"
+    )
+    assert "| HD95 (mm) | base | better |" in table
     missing = subprocess.run(
         [*command, str(tmp_path / "base"), str(tmp_path)], capture_output=True, text=True
     )

@@ -22,7 +22,14 @@ from autocontext_jax.data.device_augment import augment_intensity
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.pipeline import train_batches
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, loop, parallel, preemption, workdir_lock
+from autocontext_jax.training import (
+    checkpointing,
+    environment,
+    loop,
+    parallel,
+    preemption,
+    workdir_lock,
+)
 from autocontext_jax.training.config_checks import (
     ConfigError,
     fit_to_run_length,
@@ -354,6 +361,10 @@ def test_a_resumed_run_logs_every_step_once(tiny_phantom, tmp_path):
     train_and_evaluate(config, str(tmp_path))
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [1, 2, 3, 4]
+    # One record of the software and devices per train call that trains, from its first
+    # step; calling a finished run again trains nothing and adds none.
+    train_and_evaluate(config, str(tmp_path))
+    assert [r["start_step"] for r in environment.read_environments(tmp_path)] == [0, 2]
     losses = [
         (s, v)
         for (tag, s, v) in _visible_scalars(read_events(tmp_path / "tensorboard"))

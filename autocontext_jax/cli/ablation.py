@@ -38,6 +38,7 @@ from autocontext_jax.data.atomic import (
 from autocontext_jax.evaluation import ablation, compare
 from autocontext_jax.evaluation.figures import ablation_figure
 from autocontext_jax.models.pyramid import CONTEXT_MODES
+from autocontext_jax.training import environment
 from autocontext_jax.training.config_checks import MAX_PYRAMID_LEVELS, ConfigError
 
 FLAGS = flags.FLAGS
@@ -122,6 +123,10 @@ def write_report(
     report = ablation.ablation_report(done, baseline, test, alpha)
     report["not_finished"] = missing
     text = ablation.ablation_markdown(report)
+    finished = {r.name: r.workdir for r in runs if r.name not in missing}
+    report["stacks_note"] = environment.mixed_stacks_note(finished)
+    if report["stacks_note"]:
+        text = f"**{report['stacks_note']}**\n\n" + text
     if missing:
         text = f"**Not finished, left out:** {', '.join(missing)}\n\n" + text
     folder = pathlib.Path(runs_dir)

@@ -20,6 +20,7 @@ from autocontext_jax.evaluation.compare import (
     run_names,
 )
 from autocontext_jax.evaluation.metrics import METRIC_NAMES
+from autocontext_jax.training import environment
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +40,8 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("give at least two run workdirs, the baseline first")
     results = {name: load_result(w) for name, w in zip(run_names(workdirs), workdirs, strict=True)}
     comparison = compare(results, FLAGS.metric, FLAGS.all_levels)
-    print(comparison_markdown(comparison))
+    note = environment.mixed_stacks_note(dict(zip(results, workdirs, strict=True)))
+    print((f"**{note}**\n\n" if note else "") + comparison_markdown(comparison))
 
 
 def run(argv: Sequence[str] | None = None) -> None:

@@ -30,6 +30,7 @@ from autocontext_jax.data.plan import Plan, save_run_plan
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.training import (
     checkpointing,
+    environment,
     logs,
     parallel,
     phases,
@@ -328,6 +329,14 @@ def _train_in(
     )
     if restored_step is not None:
         _say(f"Resuming from the checkpoint of step {restored_step} in {workdir}")
+    # A finished run called again only re-evaluates: it trains nothing on this stack.
+    if jax.process_index() == 0 and (restored_step or 0) < config.train.steps:
+        previous = environment.read_environments(workdir)
+        note = environment.resume_note(
+            previous, environment.append_environment(workdir, restored_step or 0)
+        )
+        if note:
+            _say(note)
     if jax.process_index() == 0:
         split = dataset_lib.read_split(workdir)
         _say(

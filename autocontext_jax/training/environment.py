@@ -1,0 +1,153 @@
+"""What a run was trained with: package versions, devices and host, one line per train call.
+
+Training repeats bit for bit on one machine and software stack, but not across them: XLA
+compiles for the host's CPU or accelerator, and another jaxlib or CPU sums floats in
+another order, which moves a run by about its spread over seeds. WORKDIR/environment.jsonl
+keeps, for each start or resume, what is needed to tell such a change from a code change.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+ENVIRONMENT_FILE = "environment.jsonl"
+# The distributions whose version can change a run's numbers.
+PACKAGES = (
+    "autocontext-jax",
+    "jax",
+    "jaxlib",
+    "flax",
+    "optax",
+    "orbax-checkpoint",
+    "grain",
+    "numpy",
+    "scipy",
+)
+
+
+def _version(distribution: str) -> str | None:
+    try:
+        return importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def cpu_model(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> str:
+    """The host CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+    try:
+        for line in cpuinfo.read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def environment_record(start_step: int) -> dict[str, Any]:
+    """The software, devices and host of this process, for a train call from `start_step`."""
+    devices = jax.devices()
+    return {
+        "start_step": start_step,
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "cpu": cpu_model(),
+        "python": platform.python_version(),
+        "packages": {name: _version(name) for name in PACKAGES},
+        "backend": jax.default_backend(),
+        "devices": sorted({d.device_kind for d in devices}),
+        "device_count": len(devices),
+        "process_count": jax.process_count(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+    }
+
+
+def append_environment(workdir: str | pathlib.Path, start_step: int) -> dict[str, Any]:
+    """Append this train call's `environment_record` to WORKDIR/environment.jsonl."""
+    record = environment_record(start_step)
+    with open(pathlib.Path(workdir) / ENVIRONMENT_FILE, "a", encoding="utf-8") as f:
+        f.write(json.dumps(record) + "\n")
+    return record
+
+
+def read_environments(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
+    """Every train call's record of the run in `workdir` ([] for a run that has none)."""
+    path = pathlib.Path(workdir) / ENVIRONMENT_FILE
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stack(record: dict[str, Any]) -> tuple:
+    """What of a record can change the numbers: CPU, backend, devices and package versions."""
+    return (
+        record["cpu"],
+        record["backend"],
+        tuple(record["devices"]),
+        record["device_count"],
+        tuple(sorted((name, version or "") for name, version in record["packages"].items())),
+    )
+
+
+def stack_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The parts of `stack` that differ between two records, as 'what: before -> after'."""
+    changes = [
+        f"{key}: {before[key]} -> {after[key]}"
+        for key in ("cpu", "backend", "devices", "device_count")
+        if before[key] != after[key]
+    ]
+    for name in PACKAGES:
+        old, new = before["packages"].get(name), after["packages"].get(name)
+        if old != new:
+            changes.append(f"{name}: {old} -> {new}")
+    return changes
+
+
+def resume_note(previous: list[dict[str, Any]], record: dict[str, Any]) -> str | None:
+    """A line for a run resumed on another stack than its last train call, else None."""
+    if not previous:
+        return None
+    changes = stack_changes(previous[-1], record)
+    if not changes:
+        return None
+    return (
+        f"Resumed on another software/hardware stack ({'; '.join(changes)}): from step "
+        f"{record['start_step']} on, this run will not match one trained on a single stack "
+        "bit for bit."
+    )
+
+
+def mixed_stacks_note(workdirs: Mapping[str, str | pathlib.Path]) -> str | None:
+    """A line naming runs trained on different stacks (CPU, devices, versions), else None.
+
+    A run resumed on another stack than it started on counts as a stack of its own. Runs
+    with no environment.jsonl (trained before it was written) are named when others have one.
+    """
+    stacks: dict[tuple, list[str]] = {}
+    unknown = []
+    for name, workdir in workdirs.items():
+        records = read_environments(workdir)
+        if records:
+            stacks.setdefault(tuple(sorted({stack(r) for r in records})), []).append(name)
+        else:
+            unknown.append(name)
+    notes = []
+    if len(stacks) > 1:
+        groups = " | ".join(", ".join(names) for names in stacks.values())
+        notes.append(
+            f"Runs trained on {len(stacks)} different software/hardware stacks (CPU, devices or "
+            f"package versions, in {ENVIRONMENT_FILE}): {groups}; a difference between "
+            "them mixes that change with the one compared."
+        )
+    if unknown and stacks:
+        notes.append(f"No {ENVIRONMENT_FILE} in {', '.join(unknown)}: their stack is unknown.")
+    return " ".join(notes) if notes else None

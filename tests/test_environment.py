@@ -1,0 +1,81 @@
+"""The record of what a run was trained with, and the note on runs from different stacks."""
+
+import json
+
+import jax
+
+from autocontext_jax.training import environment
+
+
+def test_the_record_names_this_process_versions_and_devices(tmp_path):
+    record = environment.append_environment(tmp_path, 7)
+    assert environment.read_environments(tmp_path) == [record]
+    assert record["start_step"] == 7
+    assert record["packages"]["jax"] == jax.__version__
+    assert record["backend"] == jax.default_backend()
+    assert record["device_count"] == jax.device_count()
+    assert record["devices"] == sorted({d.device_kind for d in jax.devices()})
+
+
+def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 9000\nflags\t: a\n")
+    assert environment.cpu_model(cpuinfo) == "Some CPU 9000"
+    assert environment.cpu_model(tmp_path / "missing")  # falls back to `platform`
+
+
+def _run(tmp_path, name, **changes):
+    workdir = tmp_path / name
+    workdir.mkdir()
+    record = {**environment.environment_record(0), **changes}
+    (workdir / environment.ENVIRONMENT_FILE).write_text(json.dumps(record) + "\n")
+    return workdir
+
+
+def test_runs_of_one_stack_get_no_note_whatever_their_host_and_time(tmp_path):
+    runs = {
+        "a": _run(tmp_path, "a"),
+        "b": _run(tmp_path, "b", host="other-node", time="2020-01-01T00:00:00+00:00"),
+    }
+    assert environment.mixed_stacks_note(runs) is None
+
+
+def test_runs_of_different_cpus_or_versions_are_named_by_stack(tmp_path):
+    record = environment.environment_record(0)
+    runs = {
+        "a": _run(tmp_path, "a"),
+        "b": _run(tmp_path, "b", cpu="Another CPU"),
+        "c": _run(tmp_path, "c", packages={**record["packages"], "jaxlib": "0.0.1"}),
+        "d": _run(tmp_path, "d"),
+    }
+    note = environment.mixed_stacks_note(runs)
+    assert note.startswith("Runs trained on 3 different software/hardware stacks")
+    assert ": a, d | b | c;" in note
+
+
+def test_a_run_resumed_on_another_stack_differs_from_one_that_was_not(tmp_path):
+    resumed = _run(tmp_path, "resumed")
+    with open(resumed / environment.ENVIRONMENT_FILE, "a") as f:
+        f.write(json.dumps({**environment.environment_record(4), "cpu": "Another CPU"}) + "\n")
+    note = environment.mixed_stacks_note({"plain": _run(tmp_path, "plain"), "resumed": resumed})
+    assert note is not None and "plain | resumed" in note
+
+
+def test_runs_without_a_record_are_named_only_beside_runs_with_one(tmp_path):
+    old = tmp_path / "old"
+    old.mkdir()
+    assert environment.mixed_stacks_note({"old": old}) is None
+    note = environment.mixed_stacks_note({"new": _run(tmp_path, "new"), "old": old})
+    assert note == f"No {environment.ENVIRONMENT_FILE} in old: their stack is unknown."
+
+
+def test_a_resume_on_another_stack_says_what_changed():
+    before = environment.environment_record(0)
+    same = {**environment.environment_record(6), "host": "other-node"}
+    assert environment.resume_note([], before) is None
+    assert environment.resume_note([before], same) is None
+    moved = {**same, "cpu": "Another CPU", "packages": {**same["packages"], "jaxlib": "0.0.1"}}
+    note = environment.resume_note([before], moved)
+    assert f"cpu: {before['cpu']} -> Another CPU" in note
+    assert f"jaxlib: {before['packages']['jaxlib']} -> 0.0.1" in note
+    assert "from step 6 on" in note
