@@ -79,3 +79,12 @@ def test_a_resume_on_another_stack_says_what_changed():
     assert f"cpu: {before['cpu']} -> Another CPU" in note
     assert f"jaxlib: {before['packages']['jaxlib']} -> 0.0.1" in note
     assert "from step 6 on" in note
+
+
+def test_a_torn_line_loses_that_record_and_not_the_run(tmp_path):
+    first = environment.append_environment(tmp_path, 0)
+    with open(tmp_path / environment.ENVIRONMENT_FILE, "a") as f:
+        f.write('{"start_step": 2, "cpu": "A')  # as if killed while writing
+    assert environment.read_environments(tmp_path) == [first]
+    second = environment.append_environment(tmp_path, 4)
+    assert environment.read_environments(tmp_path) == [first, second]

@@ -20,6 +20,8 @@ from typing import Any
 
 import jax
 
+from autocontext_jax.data.atomic import write_text_atomically
+
 ENVIRONMENT_FILE = "environment.jsonl"
 # The distributions whose version can change a run's numbers.
 PACKAGES = (
@@ -72,10 +74,14 @@ def environment_record(start_step: int) -> dict[str, Any]:
 
 
 def append_environment(workdir: str | pathlib.Path, start_step: int) -> dict[str, Any]:
-    """Append this train call's `environment_record` to WORKDIR/environment.jsonl."""
+    """Append this train call's `environment_record` to WORKDIR/environment.jsonl.
+
+    The file is rewritten atomically, so a run killed while writing never leaves a torn
+    line that would stop its resume.
+    """
     record = environment_record(start_step)
-    with open(pathlib.Path(workdir) / ENVIRONMENT_FILE, "a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
+    lines = [json.dumps(r) + "\n" for r in [*read_environments(workdir), record]]
+    write_text_atomically(pathlib.Path(workdir) / ENVIRONMENT_FILE, "".join(lines))
     return record
 
 
@@ -84,32 +90,35 @@ def read_environments(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
     path = pathlib.Path(workdir) / ENVIRONMENT_FILE
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:  # torn or hand-edited: the record is lost, not the run
+            continue
+    return records
+
+
+def _stack_items(record: dict[str, Any]) -> dict[str, Any]:
+    """What of a record can change the numbers: CPU, backend, devices and package versions."""
+    return {
+        "cpu": record["cpu"],
+        "backend": record["backend"],
+        "devices": ", ".join(record["devices"]),
+        "device_count": record["device_count"],
+        **{name: record["packages"].get(name) or "" for name in PACKAGES},
+    }
 
 
 def stack(record: dict[str, Any]) -> tuple:
-    """What of a record can change the numbers: CPU, backend, devices and package versions."""
-    return (
-        record["cpu"],
-        record["backend"],
-        tuple(record["devices"]),
-        record["device_count"],
-        tuple(sorted((name, version or "") for name, version in record["packages"].items())),
-    )
+    """A record's `_stack_items` as a hashable key: equal keys, the same numbers."""
+    return tuple(_stack_items(record).items())
 
 
 def stack_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
     """The parts of `stack` that differ between two records, as 'what: before -> after'."""
-    changes = [
-        f"{key}: {before[key]} -> {after[key]}"
-        for key in ("cpu", "backend", "devices", "device_count")
-        if before[key] != after[key]
-    ]
-    for name in PACKAGES:
-        old, new = before["packages"].get(name), after["packages"].get(name)
-        if old != new:
-            changes.append(f"{name}: {old} -> {new}")
-    return changes
+    old, new = _stack_items(before), _stack_items(after)
+    return [f"{key}: {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
 
 
 def resume_note(previous: list[dict[str, Any]], record: dict[str, Any]) -> str | None:
