@@ -391,6 +391,32 @@ def test_orbax_records_and_its_orphaned_tasks_are_dropped_unless_verbose():
     assert keep.filter(record("absl", "/x/autocontext_jax/training/loop.py", "orbax"))
 
 
+def test_an_orphaned_gathering_future_of_orbax_is_dropped_by_its_traceback():
+    # asyncio names a gathered future's exception, not the coroutine's file, in its message:
+    # only the traceback tells that the failed write was Orbax's.
+    keep = common._NotOrbax()
+
+    def failed_in(path):
+        try:
+            exec(compile("raise OSError(28, 'No space left on device')", path, "exec"))
+        except OSError as error:
+            return error
+
+    message = "_GatheringFuture exception was never retrieved\nfuture: <_GatheringFuture>"
+    base_events = "/usr/lib/asyncio/base_events.py"
+
+    def record(error):
+        exc_info = (type(error), error, error.__traceback__)
+        return logging.LogRecord("asyncio", logging.ERROR, base_events, 1, message, None, exc_info)
+
+    orbax_file = os.path.join(os.sep, "x", "orbax", "checkpoint", "serialization.py")
+    assert not keep.filter(record(failed_in(orbax_file)))
+    assert keep.filter(record(failed_in(os.path.join(os.sep, "x", "elsewhere", "io.py"))))
+    assert keep.filter(
+        logging.LogRecord("asyncio", logging.ERROR, base_events, 1, message, None, None)
+    )
+
+
 def test_the_closed_loop_noise_of_a_failed_save_is_silenced_and_nothing_else():
     seen = []
     hook = common._without_closed_loop_unraisable(seen.append)

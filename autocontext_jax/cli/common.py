@@ -6,6 +6,7 @@ import logging as std_logging
 import os
 import sys
 import textwrap
+import traceback
 from collections.abc import Callable, Sequence
 from typing import Any, NoReturn, TypeVar
 
@@ -101,13 +102,20 @@ class _NotOrbax(std_logging.Filter):
     """Drops Orbax's records: a failed background save is logged, with its traceback, by
     every thread that saw it, and the run raises the same error itself as one line. So
     are asyncio's "exception was never retrieved" records of Orbax's write tasks, which
-    the same failure leaves behind when they are garbage-collected."""
+    the same failure leaves behind when they are garbage-collected: a Task names its
+    coroutine's file in the message, a gathering future only in its exception's traceback."""
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         orbax = f"{os.sep}orbax{os.sep}"
         if orbax in record.pathname:
             return False
-        return not (record.name == "asyncio" and orbax in record.getMessage())
+        if record.name != "asyncio":
+            return True
+        if orbax in record.getMessage():
+            return False
+        error = record.exc_info[1] if record.exc_info else None
+        frames = traceback.extract_tb(error.__traceback__) if error is not None else []
+        return not any(orbax in frame.filename for frame in frames)
 
 
 def quiet_logging() -> None:
