@@ -33,6 +33,10 @@ def load_config(name: str) -> ml_collections.ConfigDict:
     return load_config_file(REPO / "configs" / f"{name}.py")
 
 
+# The real example CT in shared/ beside the checkout, where its shipped config finds it.
+TOTALSEG_EXAMPLE = pathlib.Path(load_config("totalseg_example").data.dir)
+
+
 def make_tiny_config(data_dir: str = "unused") -> ml_collections.ConfigDict:
     """The default config shrunk so that a step compiles and runs in about a second."""
     config = load_config("default")

@@ -18,6 +18,8 @@ try:
 except ImportError:
     sitk = None
 
+from conftest import TOTALSEG_EXAMPLE
+
 from autocontext_jax import inference
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data import nifti
@@ -30,10 +32,6 @@ from autocontext_jax.inference import predict as predict_lib
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import init_variables
 
-REPO = pathlib.Path(__file__).resolve().parents[1]
-REAL_CASE = REPO.parent / "shared/data/totalseg_example"
-if not REAL_CASE.is_dir():
-    REAL_CASE = pathlib.Path("/work/shared/data/totalseg_example")
 # TotalSegmentator "total" ids of the paper's seven structures (see the data's README).
 TOTALSEG_TO_PAPER = dict(TOTALSEGMENTATOR_TO_PAPER)
 MARKER_HU = 800.0
@@ -257,9 +255,11 @@ def test_a_failed_write_leaves_an_existing_output_whole(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
 
 
-@pytest.mark.skipif(not REAL_CASE.is_dir(), reason=f"the real example case is not at {REAL_CASE}")
+@pytest.mark.skipif(
+    not TOTALSEG_EXAMPLE.is_dir(), reason=f"the real example case is not at {TOTALSEG_EXAMPLE}"
+)
 def test_command_line_segments_the_real_case_and_prints_dice(trained_run, tmp_path):
-    labels = nib.load(REAL_CASE / "labels_totalsegmentator.nii.gz")
+    labels = nib.load(TOTALSEG_EXAMPLE / "labels_totalsegmentator.nii.gz")
     ids = np.asarray(labels.dataobj)
     paper = np.zeros(ids.shape, np.uint8)
     for source_id, paper_id in TOTALSEG_TO_PAPER.items():
@@ -270,7 +270,7 @@ def test_command_line_segments_the_real_case_and_prints_dice(trained_run, tmp_pa
     command = [
         sys.executable, "-m", "autocontext_jax.predict",
         "--workdir", str(trained_run),
-        "--input", str(REAL_CASE / "ct.nii.gz"),
+        "--input", str(TOTALSEG_EXAMPLE / "ct.nii.gz"),
         "--output", str(output),
         "--labels", str(label_path),
         "--tile_size", "16",
@@ -278,7 +278,7 @@ def test_command_line_segments_the_real_case_and_prints_dice(trained_run, tmp_pa
     result = subprocess.run(command, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "| Dice (%) | artery | portal_vein | liver |" in result.stdout
-    scan, seg = nib.load(REAL_CASE / "ct.nii.gz"), nib.load(output)
+    scan, seg = nib.load(TOTALSEG_EXAMPLE / "ct.nii.gz"), nib.load(output)
     assert seg.shape == scan.shape and np.allclose(seg.affine, scan.affine)
     values = np.asarray(seg.dataobj)
     assert values.dtype == np.uint8 and values.max() < 8

@@ -9,7 +9,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
-from conftest import REPO, load_config, make_tiny_config
+from conftest import REPO, TOTALSEG_EXAMPLE, load_config, make_tiny_config
 
 from autocontext_jax.data import cache, preprocess
 from autocontext_jax.data import dataset as dataset_lib
@@ -24,10 +24,6 @@ from autocontext_jax.inference import Run
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import init_variables
 from autocontext_jax.training.config_checks import ConfigError, validate_config
-
-TOTALSEG = REPO.parent / "shared" / "data" / "totalseg_example"
-if not TOTALSEG.is_dir():
-    TOTALSEG = REPO.parents[1] / "shared" / "data" / "totalseg_example"
 
 
 def _volume(shape=(20, 16, 12), seed=0):
@@ -250,7 +246,9 @@ def test_label_ids_outside_the_label_map_are_named_when_strict(tmp_path):
         cache.ensure_preprocessed(config, files, files)
 
 
-@pytest.mark.skipif(not TOTALSEG.is_dir(), reason="the shared TotalSegmentator example is absent")
+@pytest.mark.skipif(
+    not TOTALSEG_EXAMPLE.is_dir(), reason="the shared TotalSegmentator example is absent"
+)
 def test_the_totalsegmentator_example_is_remapped_to_the_paper_classes(tmp_path):
     config = load_config("totalseg_example")
     validate_config(config, 1)
@@ -265,7 +263,9 @@ def test_the_totalsegmentator_example_is_remapped_to_the_paper_classes(tmp_path)
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not TOTALSEG.is_dir(), reason="the shared TotalSegmentator example is absent")
+@pytest.mark.skipif(
+    not TOTALSEG_EXAMPLE.is_dir(), reason="the shared TotalSegmentator example is absent"
+)
 def test_the_totalsegmentator_example_preprocesses_and_trains_from_the_command_line(tmp_path):
     config = str(REPO / "configs" / "totalseg_example.py")
     env = dict(os.environ, PYTHONPATH=str(REPO))
