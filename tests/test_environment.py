@@ -17,11 +17,34 @@ def test_the_record_names_this_process_versions_and_devices(tmp_path):
     assert record["devices"] == sorted({d.device_kind for d in jax.devices()})
 
 
-def test_the_cpu_model_is_read_from_cpuinfo(tmp_path):
+def test_the_cpu_is_named_by_model_ids_and_vector_extensions(tmp_path):
     cpuinfo = tmp_path / "cpuinfo"
-    cpuinfo.write_text("processor\t: 0\nvendor_id\t: X\nmodel name\t: Some CPU 9000\nflags\t: a\n")
-    assert environment.cpu_model(cpuinfo) == "Some CPU 9000"
+    first = (
+        "processor\t: 0\nvendor_id\t: X\ncpu family\t: 25\nmodel\t\t: 17\n"
+        "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu avx2 sse4_2 avx512f fma ht\n"
+    )
+    cpuinfo.write_text(first + "\nprocessor\t: 1\nmodel name\t: Other\nflags\t\t: sse2\n")
+    assert environment.cpu_model(cpuinfo) == "AMD EPYC (cpu family 25, model 17, stepping 1)"
+    assert environment.cpu_features(cpuinfo) == "avx2 avx512f fma sse4_2"
+    # Arm lists its extensions as Features, and some kernels give no ids.
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: Neoverse\nFeatures\t: fp asimd sve atomics\n")
+    assert environment.cpu_model(cpuinfo) == "Neoverse"
+    assert environment.cpu_features(cpuinfo) == "asimd sve"
     assert environment.cpu_model(tmp_path / "missing")  # falls back to `platform`
+    assert environment.cpu_features(tmp_path / "missing") == ""
+
+
+def test_two_cpus_of_one_name_with_other_vector_extensions_are_two_stacks(tmp_path):
+    # A VM names Zen 3 and Zen 4 alike ("AMD EPYC"); only Zen 4 has AVX-512, whose kernels
+    # sum in another order.
+    record = environment.environment_record(0)
+    runs = {
+        "zen3": _run(tmp_path, "zen3", cpu="AMD EPYC", cpu_features="avx avx2 fma"),
+        "zen4": _run(tmp_path, "zen4", cpu="AMD EPYC", cpu_features="avx avx2 avx512f fma"),
+    }
+    assert "2 different software/hardware stacks" in environment.mixed_stacks_note(runs)
+    moved = {**record, "cpu_features": record["cpu_features"] + " amx_tile"}
+    assert "cpu_features: " in environment.resume_note([record], moved)
 
 
 def _run(tmp_path, name, **changes):

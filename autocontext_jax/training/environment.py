@@ -44,15 +44,37 @@ def _version(distribution: str) -> str | None:
         return None
 
 
-def cpu_model(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> str:
-    """The host CPU's model name (Linux's /proc/cpuinfo), else what `platform` knows."""
+# Flag prefixes of the vector extensions XLA compiles CPU kernels for (x86 and Arm): two
+# CPUs of one model name (a VM's "AMD EPYC") can differ in them, and so in their sums.
+_VECTOR_FLAGS = ("sse", "ssse", "avx", "amx", "fma", "f16c", "asimd", "sve")
+
+
+def _cpuinfo(path: pathlib.Path) -> dict[str, str]:
+    """The first processor's fields of Linux's /proc/cpuinfo ({} where there is none)."""
     try:
-        for line in cpuinfo.read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
+        text = path.read_text()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n", 1)[0].splitlines():
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip().lower(), value.strip())
+    return fields
+
+
+def cpu_model(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> str:
+    """The host CPU's model name with its family, model and stepping, else what `platform` knows."""
+    fields = _cpuinfo(cpuinfo)
+    name = fields.get("model name") or platform.processor() or platform.machine()
+    ids = [f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields]
+    return f"{name} ({', '.join(ids)})" if ids else name
+
+
+def cpu_features(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> str:
+    """The host CPU's vector extensions (`_VECTOR_FLAGS`), sorted; '' where none are listed."""
+    fields = _cpuinfo(cpuinfo)
+    flags = (fields.get("flags") or fields.get("features") or "").split()
+    return " ".join(sorted(f for f in flags if f.startswith(_VECTOR_FLAGS)))
 
 
 def environment_record(start_step: int) -> dict[str, Any]:
@@ -63,6 +85,7 @@ def environment_record(start_step: int) -> dict[str, Any]:
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
         "cpu": cpu_model(),
+        "cpu_features": cpu_features(),
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
         "backend": jax.default_backend(),
@@ -100,9 +123,11 @@ def read_environments(workdir: str | pathlib.Path) -> list[dict[str, Any]]:
 
 
 def _stack_items(record: dict[str, Any]) -> dict[str, Any]:
-    """What of a record can change the numbers: CPU, backend, devices and package versions."""
+    """What of a record can change the numbers: CPU and its vector extensions, backend, devices
+    and package versions."""
     return {
         "cpu": record["cpu"],
+        "cpu_features": record.get("cpu_features", ""),
         "backend": record["backend"],
         "devices": ", ".join(record["devices"]),
         "device_count": record["device_count"],
