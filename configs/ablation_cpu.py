@@ -3,9 +3,10 @@
     autocontext ablation --config configs/ablation_cpu.py --levels 1,2 \
         --modes end_to_end,separate,none --seeds 0,1,2 --runs_dir runs/ablation_cpu
 
-About 70 minutes for those 12 runs on a 2-core laptop CPU, measured: 4-5 minutes per
-one-level run, 5-7 per two-level joint run (about 0.28 s per step), 7-8 per separate run
-(twice the steps at one level's cost each), each with its start and evaluation.
+50 to 100 minutes for those 12 runs on a 2-core laptop CPU, by how busy it is; measured
+with the CPU otherwise idle (50 minutes): 2-3 minutes per one-level run, 4-5 per two-level
+joint run (about 0.3 s per step), 5-6 per separate run (twice the steps at one level's cost
+each), each with its start and evaluation.
 12 training and 8 held-out cases: each comparison has 8 cases x 3 seeds = 24 pairs. The phantom
 goes into its own folder, so the default run's data is left alone.
 """
