@@ -24,14 +24,16 @@ def test_the_cpu_is_named_by_model_ids_and_vector_extensions(tmp_path):
         "model name\t: AMD EPYC\nstepping\t: 1\nflags\t\t: fpu avx2 sse4_2 avx512f fma ht\n"
     )
     cpuinfo.write_text(first + "\nprocessor\t: 1\nmodel name\t: Other\nflags\t\t: sse2\n")
-    assert environment.cpu_model(cpuinfo) == "AMD EPYC (cpu family 25, model 17, stepping 1)"
-    assert environment.cpu_features(cpuinfo) == "avx2 avx512f fma sse4_2"
+    assert environment.cpu_identity(cpuinfo) == {
+        "cpu": "AMD EPYC (cpu family 25, model 17, stepping 1)",
+        "cpu_features": "avx2 avx512f fma sse4_2",
+    }
     # Arm lists its extensions as Features, and some kernels give no ids.
     cpuinfo.write_text("processor\t: 0\nmodel name\t: Neoverse\nFeatures\t: fp asimd sve atomics\n")
-    assert environment.cpu_model(cpuinfo) == "Neoverse"
-    assert environment.cpu_features(cpuinfo) == "asimd sve"
-    assert environment.cpu_model(tmp_path / "missing")  # falls back to `platform`
-    assert environment.cpu_features(tmp_path / "missing") == ""
+    assert environment.cpu_identity(cpuinfo) == {"cpu": "Neoverse", "cpu_features": "asimd sve"}
+    missing = environment.cpu_identity(tmp_path / "missing")
+    assert missing["cpu"]  # falls back to `platform`
+    assert missing["cpu_features"] == ""
 
 
 def test_two_cpus_of_one_name_with_other_vector_extensions_are_two_stacks(tmp_path):

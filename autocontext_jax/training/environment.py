@@ -62,19 +62,17 @@ def _cpuinfo(path: pathlib.Path) -> dict[str, str]:
     return fields
 
 
-def cpu_model(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> str:
-    """The host CPU's model name with its family, model and stepping, else what `platform` knows."""
+def cpu_identity(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> dict[str, str]:
+    """The host CPU as `cpu` (model name with family, model and stepping, else what
+    `platform` knows) and `cpu_features` (its `_VECTOR_FLAGS` extensions, sorted; '' if none)."""
     fields = _cpuinfo(cpuinfo)
     name = fields.get("model name") or platform.processor() or platform.machine()
     ids = [f"{key} {fields[key]}" for key in ("cpu family", "model", "stepping") if key in fields]
-    return f"{name} ({', '.join(ids)})" if ids else name
-
-
-def cpu_features(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> str:
-    """The host CPU's vector extensions (`_VECTOR_FLAGS`), sorted; '' where none are listed."""
-    fields = _cpuinfo(cpuinfo)
     flags = (fields.get("flags") or fields.get("features") or "").split()
-    return " ".join(sorted(f for f in flags if f.startswith(_VECTOR_FLAGS)))
+    return {
+        "cpu": f"{name} ({', '.join(ids)})" if ids else name,
+        "cpu_features": " ".join(sorted(f for f in flags if f.startswith(_VECTOR_FLAGS))),
+    }
 
 
 def environment_record(start_step: int) -> dict[str, Any]:
@@ -84,8 +82,7 @@ def environment_record(start_step: int) -> dict[str, Any]:
         "start_step": start_step,
         "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "host": socket.gethostname(),
-        "cpu": cpu_model(),
-        "cpu_features": cpu_features(),
+        **cpu_identity(),
         "python": platform.python_version(),
         "packages": {name: _version(name) for name in PACKAGES},
         "backend": jax.default_backend(),
