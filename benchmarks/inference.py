@@ -26,7 +26,7 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 from autocontext_jax import inference  # noqa: E402
-from autocontext_jax.config_files import load_config_file  # noqa: E402
+from autocontext_jax.config.files import load_config_file  # noqa: E402
 from autocontext_jax.data.plan import Plan  # noqa: E402
 from autocontext_jax.data.sampling import downsample_factor  # noqa: E402
 from autocontext_jax.inference import tiling  # noqa: E402

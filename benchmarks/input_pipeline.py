@@ -24,7 +24,7 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 from autocontext_jax import phantom  # noqa: E402
-from autocontext_jax.config_files import load_config_file  # noqa: E402
+from autocontext_jax.config.files import load_config_file  # noqa: E402
 from autocontext_jax.data import cache  # noqa: E402
 from autocontext_jax.data import dataset as dataset_lib  # noqa: E402
 from autocontext_jax.data.device_augment import device_pyramid_crops  # noqa: E402

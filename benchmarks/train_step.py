@@ -37,13 +37,14 @@ import numpy as np
 from absl import app, flags
 
 from autocontext_jax import phantom
-from autocontext_jax.config_files import load_config_file
+from autocontext_jax.config.files import load_config_file
 from autocontext_jax.data.augment import spatial_augmentation_on
 from autocontext_jax.data.pipeline import train_batches
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.conv import resolve_conv_impl
 from autocontext_jax.models.flops import train_step_flops
-from autocontext_jax.training import loop, parallel
+from autocontext_jax.runtime import parallel
+from autocontext_jax.training import loop
 from autocontext_jax.training.state import create_train_state, make_optimizer
 from autocontext_jax.training.step import jit_train_step, make_train_step
 

@@ -10,7 +10,7 @@ import pathlib
 
 import ml_collections
 
-from autocontext_jax.config_files import load_config_file
+from autocontext_jax.config.files import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:

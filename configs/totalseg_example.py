@@ -11,7 +11,7 @@ import pathlib
 
 import ml_collections
 
-from autocontext_jax.config_files import load_config_file
+from autocontext_jax.config.files import load_config_file
 from autocontext_jax.data.labels import TOTALSEGMENTATOR_TO_PAPER
 
 

@@ -33,7 +33,7 @@ import orbax.checkpoint as ocp
 from absl import logging
 
 from autocontext_jax import phantom
-from autocontext_jax.training.checksums import find_damage
+from autocontext_jax.runtime.checksums import find_damage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FAULTS = (

@@ -20,7 +20,7 @@ from tensorboardX.proto import event_pb2
 
 from autocontext_jax import phantom
 from autocontext_jax.cli import commands
-from autocontext_jax.config_files import load_config_file
+from autocontext_jax.config.files import load_config_file
 from autocontext_jax.training.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

@@ -11,7 +11,7 @@ import numpy as np
 from conftest import make_tiny_config
 
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import parallel
+from autocontext_jax.runtime import parallel
 from autocontext_jax.training.state import create_train_state, make_optimizer
 from autocontext_jax.training.step import jit_train_step, make_train_step
 

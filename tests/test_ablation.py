@@ -9,8 +9,8 @@ import pytest
 import scipy.stats
 from conftest import load_config
 
+from autocontext_jax.config.schema import validate_config
 from autocontext_jax.evaluation import ablation
-from autocontext_jax.training.config_checks import validate_config
 
 CASES = ["a", "b", "c", "d", "e"]
 CLASSES = ["liver", "spleen"]
@@ -40,7 +40,7 @@ def known_runs():
 
 
 def test_the_ablation_config_is_valid():
-    config = load_config("ablation_cpu")
+    config = load_config("ablation_base_cpu")
     validate_config(config, 1)
     assert config.data.phantom_cases - config.data.num_val_cases == 12
 

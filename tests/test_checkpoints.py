@@ -16,7 +16,8 @@ from autocontext_jax import inference
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.evaluation import diagnose
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, loop, parallel, workdir_lock
+from autocontext_jax.runtime import checkpointing, parallel, workdir_lock
+from autocontext_jax.training import loop
 from autocontext_jax.training.state import make_optimizer, restore_or_create_state
 
 

@@ -45,7 +45,7 @@ def test_the_documented_module_commands_answer_help_and_version():
     result = _run(sys.executable, "-m", "autocontext_jax.main", "--help")
     assert result.returncode == 0, result.stderr
     assert "--config.a.b=value" in result.stdout and "--workdir:" in result.stdout
-    result = _run(sys.executable, "-m", "autocontext_jax.predict", "--version")
+    result = _run(sys.executable, "-m", "autocontext_jax", "predict", "--version")
     assert result.returncode == 0 and result.stdout.strip() == f"autocontext-jax {__version__}"
 
 
@@ -347,7 +347,7 @@ def test_a_user_error_is_one_line_and_status_1_in_a_real_process(tmp_path):
     assert result.returncode == 1
     assert result.stderr.strip() == (
         f"Cannot compare: {tmp_path / 'eval_cases.json'}: missing; evaluate the run first "
-        f"(python -m autocontext_jax.evaluate --workdir {tmp_path})"
+        f"(autocontext evaluate --workdir {tmp_path})"
     )
 
 

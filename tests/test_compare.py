@@ -9,7 +9,7 @@ import pytest
 import scipy.stats
 
 from autocontext_jax.evaluation import compare
-from autocontext_jax.training import environment
+from autocontext_jax.runtime import environment
 
 
 def _result(case_ids, level_values, metric="dice"):
@@ -82,7 +82,7 @@ def test_the_command_prints_the_table(tmp_path):
         result = _result(range(7), [hd], metric="hd95")
         result["case_ids"] = [str(c) for c in result["case_ids"]]
         (tmp_path / name / "eval_cases.json").write_text(json.dumps(result))
-    command = [sys.executable, "-m", "autocontext_jax.compare", "--metric=hd95"]
+    command = [sys.executable, "-m", "autocontext_jax", "compare", "--metric=hd95"]
     out = subprocess.run(
         [*command, str(tmp_path / "base"), str(tmp_path / "better")], capture_output=True, text=True
     )

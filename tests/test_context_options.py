@@ -6,11 +6,13 @@ import numpy as np
 import pytest
 from conftest import fixed_batch, make_tiny_config
 
+from autocontext_jax.config.schema import ConfigError, validate_config
 from autocontext_jax.models import build_pyramid
+from autocontext_jax.models.context import context_dropout_mask, context_probabilities, finer_input
 from autocontext_jax.models.init import init_variables
-from autocontext_jax.models.pyramid import AutoContextPyramid, context_dropout_mask, with_context
-from autocontext_jax.training import checkpointing, parallel, phases
-from autocontext_jax.training.config_checks import ConfigError, validate_config
+from autocontext_jax.models.pyramid import AutoContextPyramid
+from autocontext_jax.runtime import checkpointing, parallel
+from autocontext_jax.training import phases
 from autocontext_jax.training.losses import dice_loss
 from autocontext_jax.training.state import create_train_state, make_optimizer
 from autocontext_jax.training.step import jit_train_step, make_train_step
@@ -19,8 +21,9 @@ from autocontext_jax.training.step import jit_train_step, make_train_step
 def test_a_dropped_example_gets_exactly_the_uniform_context_and_the_others_their_own():
     image = jax.random.normal(jax.random.key(0), (2, 4, 4, 4, 1))
     logits = jax.random.normal(jax.random.key(1), (2, 2, 2, 2, 3)) * 3
-    kept = with_context(image, logits)
-    mixed = with_context(image, logits, dropped=jnp.array([True, False]))
+    probs = context_probabilities(logits)
+    kept = finer_input(image, probs)
+    mixed = finer_input(image, probs, dropped=jnp.array([True, False]))
     np.testing.assert_array_equal(mixed[0, ..., 1:], np.full((4, 4, 4, 3), 1 / 3, np.float32))
     np.testing.assert_array_equal(mixed[1], kept[1])
     np.testing.assert_array_equal(mixed[..., :1], kept[..., :1])  # the image is untouched

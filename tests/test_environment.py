@@ -4,7 +4,7 @@ import json
 
 import jax
 
-from autocontext_jax.training import environment
+from autocontext_jax.runtime import environment
 
 
 def test_the_record_names_this_process_versions_and_devices(tmp_path):

@@ -14,9 +14,9 @@ from autocontext_jax import inference
 from autocontext_jax.inference import tiling, upsample
 from autocontext_jax.inference.pyramid import pad_to_multiple, pyramid_volumes
 from autocontext_jax.models import build_pyramid
+from autocontext_jax.models.context import upsample_and_crop
 from autocontext_jax.models.init import init_variables
-from autocontext_jax.models.pyramid import upsample_and_crop
-from autocontext_jax.training import parallel
+from autocontext_jax.runtime import parallel
 
 TESTS = pathlib.Path(__file__).parent
 

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from autocontext_jax.training import checkpointing, multihost
+from autocontext_jax.runtime import checkpointing, multihost
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ from PIL import Image
 
 from autocontext_jax import inference
 from autocontext_jax.cli.train import train_and_evaluate
-from autocontext_jax.config_files import load_config_file
+from autocontext_jax.config.files import load_config_file
 from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.evaluation import figures, metrics
 from autocontext_jax.evaluation.evaluate import (
@@ -72,7 +72,7 @@ def run(tiny_phantom, tmp_path_factory):
     _shifted_copy(tiny_phantom, base / "shifted")
     config_path = base / "tiny.py"
     config_path.write_text(CONFIG_FILE.format(tests=str(TESTS), offset=LABEL_OFFSET))
-    command = [sys.executable, "-m", "autocontext_jax.preprocess", f"--config={config_path}"]
+    command = [sys.executable, "-m", "autocontext_jax", "preprocess", f"--config={config_path}"]
     env = dict(os.environ, PYTHONPATH=str(TESTS.parent))
     done = subprocess.run(command, cwd=base, env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

@@ -148,7 +148,7 @@ def test_coarse_resolution_loses_the_vessels(full_case):
 
 
 def test_cli_writes_a_default_case(tmp_path):
-    command = [sys.executable, "-m", "autocontext_jax.data.phantom", "--out", str(tmp_path)]
+    command = [sys.executable, "-m", "autocontext_jax", "phantom", "--out", str(tmp_path)]
     done = subprocess.run([*command, "--num_cases", "1", "--seed", "3"], capture_output=True)
     assert done.returncode == 0, done.stderr
     meta = json.loads((tmp_path / "dataset.json").read_text())

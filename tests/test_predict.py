@@ -268,7 +268,7 @@ def test_command_line_segments_the_real_case_and_prints_dice(trained_run, tmp_pa
     nib.save(nib.Nifti1Image(paper, labels.affine, labels.header), label_path)
     output = tmp_path / "seg.nii.gz"
     command = [
-        sys.executable, "-m", "autocontext_jax.predict",
+        sys.executable, "-m", "autocontext_jax", "predict",
         "--workdir", str(trained_run),
         "--input", str(TOTALSEG_EXAMPLE / "ct.nii.gz"),
         "--output", str(output),
@@ -287,7 +287,7 @@ def test_command_line_segments_the_real_case_and_prints_dice(trained_run, tmp_pa
 def test_command_line_names_a_missing_checkpoint(tmp_path):
     _write_scan(tmp_path / "scan.nii.gz", "RAS")
     command = [
-        sys.executable, "-m", "autocontext_jax.predict",
+        sys.executable, "-m", "autocontext_jax", "predict",
         "--workdir", str(tmp_path),
         "--input", str(tmp_path / "scan.nii.gz"),
         "--output", str(tmp_path / "seg.nii.gz"),

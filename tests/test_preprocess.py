@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from conftest import REPO, TOTALSEG_EXAMPLE, load_config, make_tiny_config
 
+from autocontext_jax.config.schema import ConfigError, validate_config
 from autocontext_jax.data import cache, preprocess
 from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data.errors import DatasetError
@@ -23,7 +24,6 @@ from autocontext_jax.evaluation.evaluate import evaluate_cases
 from autocontext_jax.inference import Run
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import init_variables
-from autocontext_jax.training.config_checks import ConfigError, validate_config
 
 
 def _volume(shape=(20, 16, 12), seed=0):
@@ -270,7 +270,7 @@ def test_the_totalsegmentator_example_preprocesses_and_trains_from_the_command_l
     config = str(REPO / "configs" / "totalseg_example.py")
     env = dict(os.environ, PYTHONPATH=str(REPO))
     done = subprocess.run(
-        [sys.executable, "-m", "autocontext_jax.preprocess", "--config", config],
+        [sys.executable, "-m", "autocontext_jax", "preprocess", "--config", config],
         cwd=tmp_path,
         env=env,
         capture_output=True,

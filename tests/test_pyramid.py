@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from autocontext_jax.data.sampling import downsample_factor, level_region
-from autocontext_jax.models.pyramid import AutoContextPyramid, upsample_and_crop
+from autocontext_jax.models.context import upsample_and_crop
+from autocontext_jax.models.pyramid import AutoContextPyramid
 from autocontext_jax.training.losses import dice_loss
 
 

@@ -12,11 +12,11 @@ from PIL import Image
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.evaluation.evaluate import evaluate_workdir
 from autocontext_jax.evaluation.figures import plot_run
-from autocontext_jax.training import logs
+from autocontext_jax.runtime import logs
 
 
 def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "autocontext_jax.evaluate", *args]
+    command = [sys.executable, "-m", "autocontext_jax", "evaluate", *args]
     return subprocess.run(command, capture_output=True, text=True)
 
 

@@ -7,9 +7,10 @@ import pytest
 from conftest import make_tiny_config
 
 from autocontext_jax.cli.train import train_and_evaluate
+from autocontext_jax.config.schema import ConfigError, validate_config
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import checkpointing, phases
-from autocontext_jax.training.config_checks import ConfigError, validate_config
+from autocontext_jax.runtime import checkpointing
+from autocontext_jax.training import phases
 from autocontext_jax.training.state import abstract_train_state, create_train_state
 
 

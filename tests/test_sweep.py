@@ -28,7 +28,7 @@ def test_product_varies_the_last_axis_fastest():
 
 
 def test_names_use_only_the_keys_that_vary(tmp_path):
-    sweep = sweep_lib.load_sweep(LAUNCH / "ablation_cpu.py")
+    sweep = sweep_lib.load_sweep(LAUNCH / "sweep_example_cpu.py")
     runs = sweep_lib.expand(sweep, str(tmp_path / "runs"))
     assert [run.name for run in runs] == [
         "levels-1",
@@ -53,7 +53,7 @@ def test_a_file_without_get_sweep_is_named(tmp_path):
 
 
 def test_the_generated_command_is_accepted_by_main(tmp_path):
-    sweep = sweep_lib.load_sweep(LAUNCH / "ablation_cpu.py")
+    sweep = sweep_lib.load_sweep(LAUNCH / "sweep_example_cpu.py")
     run = sweep_lib.expand(sweep, str(tmp_path))[1]
     command = sweep_lib.train_command(sweep, run, sys.executable, extra=["--dry_run"])
     assert command[:3] == [sys.executable, "-m", "autocontext_jax.main"]
@@ -111,7 +111,11 @@ def _sweep_command(*args):
 def test_dry_run_prints_the_sbatch_submissions_and_writes_nothing(tmp_path):
     runs_dir = tmp_path / "runs"
     result = _sweep_command(
-        "run", "launch/ablation_cpu.py", f"--runs_dir={runs_dir}", "--backend=slurm", "--dry_run"
+        "run",
+        "launch/sweep_example_cpu.py",
+        f"--runs_dir={runs_dir}",
+        "--backend=slurm",
+        "--dry_run",
     )
     assert result.returncode == 0, result.stderr
     submissions = [line for line in result.stdout.splitlines() if line.startswith("== ")]
@@ -122,7 +126,7 @@ def test_dry_run_prints_the_sbatch_submissions_and_writes_nothing(tmp_path):
 
 
 def test_report_gathers_the_finished_runs(tmp_path):
-    sweep = sweep_lib.load_sweep(LAUNCH / "ablation_cpu.py")
+    sweep = sweep_lib.load_sweep(LAUNCH / "sweep_example_cpu.py")
     runs = sweep_lib.expand(sweep, str(tmp_path))
     rng = np.random.default_rng(0)
     for run, levels in zip(runs[:2], (1, 2), strict=True):
@@ -133,7 +137,7 @@ def test_report_gathers_the_finished_runs(tmp_path):
             "dice": {f"level_{s}": rng.uniform(size=(6, 1)).tolist() for s in range(1, levels + 1)},
         }
         (pathlib.Path(run.workdir) / "eval_cases.json").write_text(json.dumps(result))
-    out = _sweep_command("report", "launch/ablation_cpu.py", f"--runs_dir={tmp_path}")
+    out = _sweep_command("report", "launch/sweep_example_cpu.py", f"--runs_dir={tmp_path}")
     assert out.returncode == 0, out.stderr
     header = "| Dice (%) | levels-1 level 1 | levels-2_mode-end_to_end level 1 | "
     assert header + "levels-2_mode-end_to_end level 2 |" in out.stdout

@@ -1,6 +1,6 @@
 """Train pyramid depth x context mode x seed on one split and write the ablation's statistics.
 
-    autocontext ablation --config configs/ablation_cpu.py --levels 1,2 \
+    autocontext ablation --config configs/ablation_base_cpu.py --levels 1,2 \
         --modes end_to_end,separate,none --seeds 0,1,2 --runs_dir runs/ablation
     autocontext ablation ... --backend=slurm --slurm_gpus_per_node=1 --dry_run
     autocontext ablation ... --report_only
@@ -29,7 +29,9 @@ from absl import app, flags
 
 from autocontext_jax.cli import sweep
 from autocontext_jax.cli.common import run_command
-from autocontext_jax.config_files import load_config_file
+from autocontext_jax.config import schema
+from autocontext_jax.config.files import load_config_file
+from autocontext_jax.config.schema import MAX_PYRAMID_LEVELS, ConfigError
 from autocontext_jax.data.atomic import (
     write_atomically,
     write_json_atomically,
@@ -37,9 +39,7 @@ from autocontext_jax.data.atomic import (
 )
 from autocontext_jax.evaluation import ablation, compare
 from autocontext_jax.evaluation.figures import ablation_figure
-from autocontext_jax.models.pyramid import CONTEXT_MODES
-from autocontext_jax.training import environment
-from autocontext_jax.training.config_checks import MAX_PYRAMID_LEVELS, ConfigError
+from autocontext_jax.runtime import environment
 
 FLAGS = flags.FLAGS
 REPORT_NAME = "ablation"
@@ -153,8 +153,10 @@ def main(argv: list[str]) -> None:
         raise app.UsageError("--runs_dir is required: the folder of the ablation's workdirs")
     levels, seeds = _integers("levels", FLAGS.levels), _integers("seeds", FLAGS.seeds)
     for mode in FLAGS.modes:
-        if mode not in CONTEXT_MODES:
-            raise app.UsageError(f"--modes: {mode!r} is not one of {CONTEXT_MODES}")
+        if mode not in schema.choices("pyramid.mode"):
+            raise app.UsageError(
+                f"--modes: {mode!r} is not one of {schema.choices('pyramid.mode')}"
+            )
     if FLAGS.baseline not in FLAGS.modes:
         raise app.UsageError(f"--baseline={FLAGS.baseline} is not one of --modes {FLAGS.modes}")
     if not all(1 <= depth <= MAX_PYRAMID_LEVELS for depth in levels):

@@ -31,7 +31,7 @@ from autocontext_jax.cli.common import (
     quiet_logging,
     run_command,
 )
-from autocontext_jax.config_files import SHIPPED_CONFIGS, load_config_file
+from autocontext_jax.config.files import SHIPPED_CONFIGS, load_config_file
 from autocontext_jax.data.dataset import read_split
 from autocontext_jax.inference import default_options, load_run, predict_file
 from autocontext_jax.inference.predict import side_output

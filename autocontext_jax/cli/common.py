@@ -14,15 +14,16 @@ import jax
 from absl import app, flags, logging
 
 from autocontext_jax import __version__
-from autocontext_jax.config_files import shipped_configs
+from autocontext_jax.config import schema
+from autocontext_jax.config.files import shipped_configs
+from autocontext_jax.config.schema import ConfigError
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation.ablation import AblationError
 from autocontext_jax.evaluation.compare import ComparisonError
 from autocontext_jax.evaluation.diagnose import DiagnoseError
-from autocontext_jax.training.checkpointing import CheckpointError, SaveError
-from autocontext_jax.training.config_checks import ConfigError
+from autocontext_jax.runtime.checkpointing import CheckpointError, SaveError
+from autocontext_jax.runtime.workdir_lock import WorkdirBusyError
 from autocontext_jax.training.loop import DivergedError
-from autocontext_jax.training.workdir_lock import WorkdirBusyError
 
 T = TypeVar("T")
 # absl's own --help exits with status 1 and lists only the flags of the __main__ module, which
@@ -216,10 +217,11 @@ def _flag_line(flag: flags.Flag) -> str:
 
 
 def command_help(doc: str, defined: Sequence[flags.Flag], takes_config: bool) -> str:
-    """A command's --help: its docstring (with examples), configs and override syntax, flags."""
+    """A command's --help: its docstring (with examples), configs, override syntax, the config's
+    fields (from the schema) and the flags."""
     parts = [doc.strip()]
     if takes_config:
-        parts += [OVERRIDE_HELP, configs_help()]
+        parts += [OVERRIDE_HELP, configs_help(), "\n".join(schema.help_lines())]
     lines = ["Flags:", *(_flag_line(flag) for flag in defined)]
     if any(flag.name == "platform" for flag in defined):
         lines.append(

@@ -20,7 +20,7 @@ from autocontext_jax.evaluation.compare import (
     run_names,
 )
 from autocontext_jax.evaluation.metrics import METRIC_NAMES
-from autocontext_jax.training import environment
+from autocontext_jax.runtime import environment
 
 FLAGS = flags.FLAGS
 

@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from absl import app, flags
 
 from autocontext_jax.cli.common import checked_flag, no_arguments, quiet_logging, run_command
+from autocontext_jax.config import schema
 from autocontext_jax.data.labels import LABEL_MAP_PRESETS, NUM_PAPER_CLASSES, parse_label_map
 from autocontext_jax.evaluation.evaluate import evaluate_workdir
 from autocontext_jax.evaluation.folders import SUMMARY_FILE, evaluate_folders, write_summary
 from autocontext_jax.evaluation.reports import summary_markdown
-from autocontext_jax.training.checkpointing import DEFAULT_NSD_TOLERANCE_MM
 
 FLAGS = flags.FLAGS
 
@@ -48,8 +48,8 @@ def define_flags() -> None:
     flags.DEFINE_float(
         "nsd_tolerance_mm",
         None,
-        f"Surface Dice tolerance in mm (default: the run's config, {DEFAULT_NSD_TOLERANCE_MM:g} "
-        "for folders).",
+        "Surface Dice tolerance in mm (default: the run's config, "
+        f"{schema.default('eval.nsd_tolerance_mm'):g} for folders).",
     )
     flags.register_validator(
         "nsd_tolerance_mm", lambda value: value is None or value > 0, "must be > 0 mm"
@@ -62,7 +62,7 @@ def evaluate_predictions() -> None:
         raise app.UsageError("--predictions and --labels go together")
     tolerance = FLAGS.nsd_tolerance_mm
     if tolerance is None:
-        tolerance = DEFAULT_NSD_TOLERANCE_MM
+        tolerance = schema.default("eval.nsd_tolerance_mm")
     path = pathlib.Path(FLAGS.summary or pathlib.Path(FLAGS.predictions) / SUMMARY_FILE)
     label_map = ()
     if FLAGS.label_map is not None:

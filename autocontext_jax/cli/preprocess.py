@@ -15,9 +15,9 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from autocontext_jax.cli.common import no_arguments, quiet_logging, run_command
+from autocontext_jax.config.schema import fit_to_run_length, validate_config
 from autocontext_jax.data.cache import cache_dir
-from autocontext_jax.training.config_checks import fit_to_run_length, validate_config
-from autocontext_jax.training.loop import preprocess_dataset
+from autocontext_jax.prepare import preprocess_dataset
 
 FLAGS = flags.FLAGS
 

@@ -1,11 +1,9 @@
 """Sweeps: a sweep file expanded into runs, trained here, on a Cloud TPU slice or with SLURM.
 
-    autocontext sweep run launch/ablation_cpu.py --runs_dir runs/ablation_cpu
+    autocontext sweep run launch/sweep_example_cpu.py --runs_dir runs/sweep_example_cpu
     autocontext sweep run SWEEP --runs_dir R --backend=tpu --tpu_name=NAME --zone=Z
     autocontext sweep run SWEEP --runs_dir R --backend=slurm --slurm_nodes=2 --dry_run
-    autocontext sweep report launch/ablation_cpu.py --runs_dir runs/ablation_cpu
-
-(`python launch/sweep.py ...` is the same command.)
+    autocontext sweep report launch/sweep_example_cpu.py --runs_dir runs/sweep_example_cpu
 
 `run` trains the runs one after another here (then prints the report), or submits each to
 every worker of a TPU VM slice (gcloud ... tpu-vm ssh --worker=all) or as an sbatch job;
@@ -37,7 +35,7 @@ import ml_collections
 from absl import app, flags
 
 from autocontext_jax.cli.common import CommandError, run_command
-from autocontext_jax.config_files import load_config_file, load_python_file
+from autocontext_jax.config.files import load_config_file, load_python_file
 from autocontext_jax.data.atomic import write_text_atomically
 from autocontext_jax.evaluation import compare
 from autocontext_jax.evaluation.metrics import METRIC_NAMES

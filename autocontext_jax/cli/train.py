@@ -26,6 +26,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from autocontext_jax.cli.common import quiet_logging, run_command, verbose
+from autocontext_jax.config.schema import fit_to_run_length, validate_config
 from autocontext_jax.data.dataset import read_split
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.evaluation.evaluate import evaluate_run, held_out_cases
@@ -34,13 +35,12 @@ from autocontext_jax.evaluation.validation import make_validator
 from autocontext_jax.inference import load_run
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import abstract_variables
-from autocontext_jax.training import multihost
-from autocontext_jax.training.checkpointing import CHECKPOINTS_DIR
-from autocontext_jax.training.config_checks import fit_to_run_length, validate_config
-from autocontext_jax.training.logs import METRICS_FILE, TENSORBOARD_DIR
+from autocontext_jax.runtime import multihost
+from autocontext_jax.runtime.checkpointing import CHECKPOINTS_DIR
+from autocontext_jax.runtime.logs import METRICS_FILE, TENSORBOARD_DIR
+from autocontext_jax.runtime.preemption import StoppedBySignalError
+from autocontext_jax.runtime.progress import parameter_lines
 from autocontext_jax.training.loop import train
-from autocontext_jax.training.preemption import StoppedBySignalError
-from autocontext_jax.training.progress import parameter_lines
 
 FLAGS = flags.FLAGS
 

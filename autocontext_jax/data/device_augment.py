@@ -17,8 +17,6 @@ import ml_collections
 from autocontext_jax.data.augment import spatial_augmentation_on
 from autocontext_jax.data.sampling import downsample_factor
 
-AUGMENT_DEVICES = ("auto", "host", "device")
-
 
 def spatial_on_device(augment: ml_collections.ConfigDict, backend: str) -> bool:
     """Whether the spatial warp runs on the device: `augment.device`, `auto` per backend.

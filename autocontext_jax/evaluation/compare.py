@@ -1,9 +1,9 @@
 """Evaluated runs side by side, per organ and level, with paired Wilcoxon p-values.
 
-    python -m autocontext_jax.compare RUN_A RUN_B ... [--metric dice] [--all_levels]
+    autocontext compare RUN_A RUN_B ... [--metric dice] [--all_levels]
 
 Each RUN is a workdir holding eval_cases.json (written at the end of training or by
-`python -m autocontext_jax.evaluate`). The first column is the baseline: every other
+`autocontext evaluate`). The first column is the baseline: every other
 column's p-value is the two-sided Wilcoxon signed-rank test of its per-case values against
 the baseline's on the same cases (scipy.stats.wilcoxon, exact for small samples).
 """
@@ -40,8 +40,7 @@ def load_result(workdir: str | pathlib.Path) -> dict[str, Any]:
     path = pathlib.Path(workdir) / CASES_FILE
     if not path.is_file():
         raise ComparisonError(
-            f"{path}: missing; evaluate the run first "
-            f"(python -m autocontext_jax.evaluate --workdir {workdir})"
+            f"{path}: missing; evaluate the run first (autocontext evaluate --workdir {workdir})"
         )
     return json.loads(path.read_text())
 

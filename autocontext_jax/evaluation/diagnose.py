@@ -36,7 +36,8 @@ from autocontext_jax.evaluation.evaluate import dice_per_class, held_out_cases, 
 from autocontext_jax.inference import Run, TilingOptions, default_options, upsample_to_native
 from autocontext_jax.inference.pyramid import pad_to_multiple, pyramid_volumes
 from autocontext_jax.inference.tiling import level_variables, predict_level
-from autocontext_jax.training import parallel
+from autocontext_jax.models import context
+from autocontext_jax.runtime import parallel
 from autocontext_jax.training.state import restore_evaluation_variables
 
 CONTEXTS = ("real", "ground_truth", "uniform", "training_mode")
@@ -96,7 +97,7 @@ def make_diagnosis(run: Run, level_function: LevelFunction = predict_level) -> D
     return Diagnosis(live, default_options(run.config), level_function)
 
 
-def _coarse_levels(
+def coarser_outputs(
     run: Run,
     diagnosis: Diagnosis,
     variables: dict[str, Any],
@@ -106,22 +107,20 @@ def _coarse_levels(
     batch_statistics: bool = False,
 ) -> list[np.ndarray]:
     """The blended softmax of levels 1 .. S-1, coarse to fine, as predict_pyramid chains them."""
-    outputs: list[np.ndarray] = []
-    for level in range(1, run.model.num_levels):
-        context = outputs[-1] if run.model.takes_context(level) else None
-        outputs.append(
-            diagnosis.level_function(
-                run.model,
-                level_variables(variables, level),
-                volumes[level - 1][0],
-                context,
-                run.plan.pad_value,
-                options,
-                mesh,
-                batch_statistics=batch_statistics,
-            )
+
+    def run_level(level: int, coarser: np.ndarray | None) -> np.ndarray:
+        return diagnosis.level_function(
+            run.model,
+            level_variables(variables, level),
+            volumes[level - 1][0],
+            coarser,
+            run.plan.pad_value,
+            options,
+            mesh,
+            batch_statistics=batch_statistics,
         )
-    return outputs
+
+    return context.coarse_to_fine(run.model.num_levels - 1, run.model.mode, run_level)
 
 
 def diagnose_case(
@@ -159,7 +158,7 @@ def diagnose_case(
         )
         return dice_per_class(labels, case.label, run.num_classes).tolist()
 
-    coarse = _coarse_levels(run, diagnosis, variables, volumes, diagnosis.options, mesh)
+    coarse = coarser_outputs(run, diagnosis, variables, volumes, diagnosis.options, mesh)
     real = coarse[-1] if model.takes_context(num_levels) else None
     probs = [*coarse, finest(real)]
     result: dict[str, Any] = {
@@ -170,7 +169,7 @@ def diagnose_case(
     labels = resample_labels(case.label, geometry.preprocessed_shape, run.plan.label_interpolation)
     live = jax.tree.map(parallel.local_copy, diagnosis.live_variables)
     one_device = jax.sharding.Mesh(np.asarray(jax.local_devices()[:1]), (parallel.DATA_AXIS,))
-    training_mode = _coarse_levels(
+    training_mode = coarser_outputs(
         run, diagnosis, live, volumes, _training_mode_options(run), one_device, True
     )[-1]
     candidates = {

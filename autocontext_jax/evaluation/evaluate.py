@@ -21,7 +21,7 @@ from autocontext_jax.evaluation import metrics, visualize
 from autocontext_jax.evaluation.reports import mean_scores, write_report
 from autocontext_jax.inference import Run, TilingOptions, load_run, segment
 from autocontext_jax.inference.run import level_names
-from autocontext_jax.training import logs
+from autocontext_jax.runtime import logs
 
 
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: int) -> np.ndarray:

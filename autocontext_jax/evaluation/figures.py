@@ -23,7 +23,7 @@ from autocontext_jax.evaluation import visualize
 from autocontext_jax.evaluation.evaluate import held_out_cases, load_case
 from autocontext_jax.evaluation.validation import CASES_KEY, DICE_PREFIX
 from autocontext_jax.inference import Run, load_run, segment
-from autocontext_jax.training.logs import METRICS_FILE
+from autocontext_jax.runtime.logs import METRICS_FILE
 
 PLOTS_DIR = "plots"
 

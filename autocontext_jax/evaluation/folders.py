@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from autocontext_jax.config import schema
 from autocontext_jax.data.atomic import write_json_atomically
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.geometry import Geometry
@@ -36,6 +37,9 @@ from autocontext_jax.evaluation.reports import summary
 SUMMARY_FILE = "summary.json"
 # The one level a folder of label maps has, in the result layout of a run's evaluation.
 LEVEL = "final_level"
+
+# What a folder is scored with unless asked otherwise: the config's default.
+NSD_TOLERANCE_MM = schema.default("eval.nsd_tolerance_mm")
 
 
 def folder_result(
@@ -109,7 +113,7 @@ def score_labels(
     num_classes: int,
     label_map: Sequence[Sequence[int]] = (),
     unmapped: str = "background",
-    tolerance_mm: float = 2.0,
+    tolerance_mm: float = NSD_TOLERANCE_MM,
 ) -> dict[str, list[float]]:
     """case_metrics of model classes on a scan's canonical grid against a reference file."""
     reference = read_labels(reference_path, geometry, num_classes, label_map, unmapped)
@@ -123,7 +127,7 @@ def score_label_file(
     num_classes: int,
     label_map: Sequence[Sequence[int]] = (),
     unmapped: str = "background",
-    tolerance_mm: float = 2.0,
+    tolerance_mm: float = NSD_TOLERANCE_MM,
 ) -> dict[str, list[float]]:
     """case_metrics of a label map file of model classes (as predict writes) on `geometry`."""
     predicted = read_labels(prediction_path, geometry, num_classes, (), "error")
@@ -138,7 +142,7 @@ def evaluate_folders(
     num_classes: int,
     label_map: Sequence[Sequence[int]] = (),
     unmapped: str = "background",
-    tolerance_mm: float = 2.0,
+    tolerance_mm: float = NSD_TOLERANCE_MM,
 ) -> dict[str, Any]:
     """Dice, HD95 (mm) and NSD per case and class of a folder of predictions.
 

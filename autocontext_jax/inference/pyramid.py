@@ -18,8 +18,9 @@ from autocontext_jax.inference.tiling import (
     predict_level,
     tile_starts,
 )
+from autocontext_jax.models import context
 from autocontext_jax.models.pyramid import AutoContextPyramid
-from autocontext_jax.training import parallel
+from autocontext_jax.runtime import parallel
 
 
 def pad_to_multiple(volume: np.ndarray, multiple: int, value: float) -> np.ndarray:
@@ -72,19 +73,12 @@ def predict_pyramid(
     variables = jax.tree.map(parallel.local_copy, variables)
     padded = pad_to_multiple(image, model.padding_multiple, pad_value)
     volumes = pyramid_volumes(padded, model.num_levels)
-    outputs: list[np.ndarray] = []
-    for level, volume in enumerate(volumes, start=1):
-        context = outputs[-1] if model.takes_context(level) else None
-        outputs.append(
-            predict_level(
-                model,
-                level_variables(variables, level),
-                volume[0],
-                context,
-                pad_value,
-                options,
-                mesh,
-                progress,
-            )
+
+    def run_level(level: int, coarser: np.ndarray | None) -> np.ndarray:
+        variables_of_level = level_variables(variables, level)
+        volume = volumes[level - 1][0]
+        return predict_level(
+            model, variables_of_level, volume, coarser, pad_value, options, mesh, progress
         )
-    return outputs
+
+    return context.coarse_to_fine(model.num_levels, model.mode, run_level)

@@ -23,8 +23,8 @@ from autocontext_jax.data.labels import class_names
 from autocontext_jax.data.plan import Plan, load_run_plan
 from autocontext_jax.inference.tiling import TilingOptions
 from autocontext_jax.models import AutoContextPyramid, build_pyramid
-from autocontext_jax.training import parallel
-from autocontext_jax.training.checkpointing import (
+from autocontext_jax.runtime import parallel
+from autocontext_jax.runtime.checkpointing import (
     CHECKPOINTS_DIR,
     CheckpointError,
     read_run_config,
@@ -72,12 +72,12 @@ class Run:
     @property
     def label_map(self) -> tuple[tuple[int, int], ...]:
         """(dataset id, model class) pairs the run read its labels through; () for none."""
-        return tuple(tuple(pair) for pair in self.config.data.get("label_map", ()))
+        return tuple(tuple(pair) for pair in self.config.data.label_map)
 
     @property
     def unmapped_labels(self) -> str:
         """What the run did with dataset ids its label map leaves out."""
-        return self.config.data.get("unmapped_labels", "background")
+        return self.config.data.unmapped_labels
 
 
 def _read_run(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, AutoContextPyramid, Plan]:

@@ -2,10 +2,10 @@
 
 A level slides tiles of one fixed shape over its grid (padded up to a tile where it is
 smaller, so a folder of scans of any size compiles each level once); level s > 1 takes
-level s-1's blended softmax, upsampled x2 with the pyramid's own `upsample_and_crop`, as
-context everywhere. Tiles are blended with a separable weight (gaussian or constant), so
-the per-voxel sum of weights is an outer product of three 1D sums and normalisation is
-exact without a 3D weight volume. Host memory holds one float32 probability volume per
+level s-1's blended softmax as context everywhere, by the rule of models/context.py.
+Tiles are blended with a separable weight (gaussian or constant), so the per-voxel sum of
+weights is an outer product of three 1D sums and normalisation is exact without a 3D
+weight volume. Host memory holds one float32 probability volume per
 level and nothing per tile; device memory holds one batch of tiles.
 """
 
@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from autocontext_jax.models import conv
-from autocontext_jax.models.pyramid import AutoContextPyramid, upsample_and_crop
-from autocontext_jax.training import parallel
+from autocontext_jax.models import context, conv
+from autocontext_jax.models.pyramid import AutoContextPyramid
+from autocontext_jax.runtime import parallel
 
 WEIGHTINGS = ("gaussian", "constant")
 # Tile edge weights relative to the centre: low enough that a neighbour's centre wins,
@@ -132,8 +132,7 @@ def make_tile_predictor(
         if with_context:
             # Upsample x2 with the margin, then drop it: identical to upsampling the whole
             # coarse volume, whose borders the caller replicated into the margin.
-            context = upsample_and_crop(coarse_context, tile_shape)
-            x = jnp.concatenate([images, context.astype(images.dtype)], axis=-1)
+            x = context.finer_input(images, coarse_context)
         total = 0.0
         for axes in flips:
             flipped = jnp.flip(x, axes) if axes else x

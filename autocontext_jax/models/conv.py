@@ -32,9 +32,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from autocontext_jax.config import schema
+
 # native: XLA's 3D convolution; depth_folded: input folding differentiated by autodiff;
 # folded: the per-shape folding with the hand-written gradient above.
-CONV_IMPLS = ("auto", "native", "depth_folded", "folded")
+CONV_IMPLS = schema.choices("model.conv_impl")
 
 
 def resolve_conv_impl(impl: str) -> str:

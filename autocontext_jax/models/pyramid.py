@@ -1,8 +1,7 @@
 """The multi-scale auto-context pyramid of 3D U-Nets (Roth et al., MICCAI 2018).
 
 Level 1 sees the image downsampled by 2^S; level s sees it downsampled by 2^(S-s+1).
-For s > 1 the softmax of level s-1 is upsampled x2 (trilinear), centre-cropped to the
-field of view of level s and concatenated to its image as K extra channels.
+How level s > 1 takes level s-1's softmax as context is the rule of models/context.py.
 
 The context modes: `end_to_end` (one summed loss, gradients flow through the context into
 the coarser levels), `stagewise` (one summed loss, trained jointly, the context through
@@ -17,62 +16,16 @@ from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import ml_collections
 
+from autocontext_jax.config import schema
+from autocontext_jax.models import context
 from autocontext_jax.models.unet import UNet3D
 
-CONTEXT_MODES = ("end_to_end", "stagewise", "separate", "none")
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-
-def upsample_and_crop(probs: jnp.ndarray, spatial_shape: Sequence[int]) -> jnp.ndarray:
-    """Upsample channels-last `probs` x2 (trilinear) and centre-crop to `spatial_shape`.
-
-    The resize uses half-voxel centres, so voxel i of the upsampled grid covers the
-    first or second half of coarse voxel i // 2: exactly the nesting of two grids whose
-    voxels are 2^k x 2^k x 2^k blocks of the same native grid.
-    """
-    batch, *coarse, channels = probs.shape
-    up = jax.image.resize(probs, (batch, *(2 * n for n in coarse), channels), method="trilinear")
-    starts = []
-    for full, want in zip(up.shape[1:4], spatial_shape, strict=True):
-        if want > full or (full - want) % 2:
-            raise ValueError(f"cannot centre-crop an upsampled context of size {full} to {want}")
-        starts.append((full - want) // 2)
-    return jax.lax.slice(
-        up,
-        (0, *starts, 0),
-        (batch, *(s + n for s, n in zip(starts, spatial_shape, strict=True)), channels),
-    )
-
-
-def with_context(
-    image: jnp.ndarray,
-    coarser_logits: jnp.ndarray,
-    stop_gradient: bool = False,
-    dropped: jnp.ndarray | None = None,
-) -> jnp.ndarray:
-    """`image` with the coarser level's softmax (upsampled x2, centre-cropped) as K channels.
-
-    Examples where the (B,) bool `dropped` is set get the uniform 1/K instead (context dropout).
-    """
-    context = jax.nn.softmax(coarser_logits, axis=-1)
-    if stop_gradient:
-        context = jax.lax.stop_gradient(context)
-    context = upsample_and_crop(context, image.shape[1:4])
-    if dropped is not None:
-        uniform = jnp.full_like(context, 1.0 / context.shape[-1])
-        context = jnp.where(dropped[:, None, None, None, None], uniform, context)
-    return jnp.concatenate([image, context.astype(image.dtype)], axis=-1)
-
-
-def context_dropout_mask(key: jax.Array, batch: int, rate: float) -> jnp.ndarray | None:
-    """Which of `batch` examples lose their context, each with probability `rate` (None at 0)."""
-    if rate <= 0.0:
-        return None
-    return jax.random.bernoulli(key, rate, (batch,))
+CONTEXT_MODES = schema.choices("pyramid.mode")
+# The dtype of each allowed model.compute_dtype.
+COMPUTE_DTYPES = {name: jnp.dtype(name) for name in schema.choices("model.compute_dtype")}
 
 
 class AutoContextPyramid(nn.Module):
@@ -116,7 +69,7 @@ class AutoContextPyramid(nn.Module):
 
     def takes_context(self, level: int) -> bool:
         """Whether pyramid `level` (1-based) gets the coarser level's softmax as input."""
-        return level > 1 and self.mode != "none"
+        return context.takes_context(level, self.mode)
 
     def level_in_channels(self, level: int) -> int:
         """Number of input channels of pyramid `level` (1-based)."""
@@ -140,18 +93,20 @@ class AutoContextPyramid(nn.Module):
         """
         if len(images) != self.num_levels:
             raise ValueError(f"expected {self.num_levels} image levels, got {len(images)}")
-        logits = []
-        for s, (net, image) in enumerate(zip(self.levels, images, strict=True)):
-            x = image
-            if self.takes_context(s + 1):
+        stop = self.mode != "end_to_end"
+
+        def run_level(level: int, coarser_logits: jnp.ndarray | None) -> jnp.ndarray:
+            x = images[level - 1]
+            if coarser_logits is not None:
                 dropped = None
                 if train and self.context_dropout > 0:
                     key = self.make_rng("context")
-                    dropped = context_dropout_mask(key, image.shape[0], self.context_dropout)
-                stop = self.mode != "end_to_end"
-                x = with_context(image, logits[-1], stop_gradient=stop, dropped=dropped)
-            logits.append(net(x, train=train))
-        return logits
+                    dropped = context.context_dropout_mask(key, x.shape[0], self.context_dropout)
+                probs = context.context_probabilities(coarser_logits, stop_gradient=stop)
+                x = context.finer_input(x, probs, dropped)
+            return self.levels[level - 1](x, train=train)
+
+        return context.coarse_to_fine(self.num_levels, self.mode, run_level)
 
 
 def build_pyramid(config: ml_collections.ConfigDict) -> AutoContextPyramid:
@@ -165,6 +120,6 @@ def build_pyramid(config: ml_collections.ConfigDict) -> AutoContextPyramid:
         num_poolings=config.model.num_poolings,
         dtype=COMPUTE_DTYPES[config.model.compute_dtype],
         bn_momentum=config.model.bn_momentum,
-        conv_impl=config.model.get("conv_impl", "auto"),
-        context_dropout=float(config.pyramid.get("context_dropout", 0.0)),
+        conv_impl=config.model.conv_impl,
+        context_dropout=float(config.pyramid.context_dropout),
     )

@@ -16,7 +16,8 @@ import numpy as np
 import orbax.checkpoint as ocp
 import tqdm
 
-from autocontext_jax import phantom
+from autocontext_jax import prepare
+from autocontext_jax.config.schema import validate_config
 from autocontext_jax.data import cache as cache_lib
 from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data.errors import DatasetError
@@ -26,29 +27,25 @@ from autocontext_jax.data.pipeline import (
     read_prepared_case,
     train_batches,
 )
-from autocontext_jax.data.plan import Plan, save_run_plan
+from autocontext_jax.data.plan import save_run_plan
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.training import (
+from autocontext_jax.runtime import (
     checkpointing,
     environment,
     logs,
     parallel,
-    phases,
     preemption,
     workdir_lock,
 )
-from autocontext_jax.training import progress as progress_lib
-from autocontext_jax.training.config_checks import validate_config
-from autocontext_jax.training.progress import say as _say
+from autocontext_jax.runtime import progress as progress_lib
+from autocontext_jax.runtime.progress import say as _say
+from autocontext_jax.training import phases
 from autocontext_jax.training.state import TrainState, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_steps
 
 # A train state -> (scalars, one line for the user), e.g. the held-out Dice; training
 # does not segment whole scans itself, so the caller hands this in (cli/train.py).
 Validate = Callable[[TrainState], tuple[dict[str, float], str]]
-
-# The folder configs/default.py trains on: the phantom is generated there unasked.
-DEFAULT_PHANTOM_DIR = "data/phantom"
 
 
 class DivergedError(FloatingPointError):
@@ -95,50 +92,12 @@ def prefetch_to_device(
         enqueue(1)
 
 
-def ensure_dataset(data_config: ml_collections.ConfigDict) -> pathlib.Path:
-    """The dataset folder; generates the phantom there when it is missing or empty and may.
-
-    The phantom goes only into DEFAULT_PHANTOM_DIR or where `data.generate_phantom` asks
-    for it; any other missing folder is a DatasetError naming it.
-    """
-    data_dir = pathlib.Path(data_config.dir)
-    empty = not data_dir.exists() or (data_dir.is_dir() and not any(data_dir.iterdir()))
-    wanted = data_config.get("generate_phantom", False) or (
-        data_dir.absolute() == pathlib.Path(DEFAULT_PHANTOM_DIR).absolute()
-    )
-    if empty and wanted and data_config.phantom_cases > 0:
-        _say(f"Generating {data_config.phantom_cases} phantom cases in {data_dir}")
-        phantom.write_phantom_dataset(data_dir, data_config.phantom_cases, seed=0, workers=2)
-    elif not data_dir.exists():
-        raise DatasetError(
-            f"{data_dir}: config.data.dir does not exist (the phantom is generated only into "
-            f"{DEFAULT_PHANTOM_DIR} or with config.data.generate_phantom=True)"
-        )
-    return data_dir
-
-
 def load_prepared(cases: list[cache_lib.CachedCase]) -> dict[str, PreparedCase]:
     """Memory-map and index every preprocessed training case once."""
     return {
         c.case_id: read_prepared_case(c)
         for c in tqdm.tqdm(cases, desc="reading cases", leave=False, disable=len(cases) < 8)
     }
-
-
-def preprocess_dataset(
-    config: ml_collections.ConfigDict,
-) -> tuple[Plan, dict[str, cache_lib.CachedCase], list, list]:
-    """(plan, cached cases, train files, held-out files) of the run's dataset and split.
-
-    The phantom is generated first when so configured; the cache is brought up to date,
-    its plan made from the run's own training cases (`data.split_seed`). Both training
-    and the preprocess command come here.
-    """
-    ensure_dataset(config.data)
-    files = dataset_lib.list_dataset(config.data)
-    train_files, val_files = dataset_lib.split_dataset(files, config.data)
-    plan, cached = cache_lib.ensure_preprocessed(config, files, train_files)
-    return plan, cached, train_files, val_files
 
 
 def prepare_data(
@@ -148,7 +107,7 @@ def prepare_data(
 
     Cases are preprocessed into the cache first when it is missing or stale.
     """
-    plan, cached, train_files, val_files = preprocess_dataset(config)
+    plan, cached, train_files, val_files = prepare.preprocess_dataset(config)
     # Cases skipped as bad (data.skip_bad_cases) drop out of both sides of the split.
     train_cases = [cached[f.case_id] for f in train_files if f.case_id in cached]
     if not train_cases:

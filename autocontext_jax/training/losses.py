@@ -40,9 +40,6 @@ def cross_entropy_loss(logits: jnp.ndarray, targets: jnp.ndarray) -> jnp.ndarray
     return -jnp.mean(jnp.sum(targets * log_probs, axis=-1))
 
 
-LOSS_NAMES = ("dice", "dice_ce")
-
-
 def segmentation_loss(
     name: str, logits: jnp.ndarray, targets: jnp.ndarray, dice_background: bool = True
 ) -> jnp.ndarray:

@@ -36,7 +36,7 @@ def phase_starts(config: ml_collections.ConfigDict) -> tuple[int, ...]:
     of `train.steps`); () splits `train.steps` equally.
     """
     levels, total = config.pyramid.levels, config.train.steps
-    lengths = tuple(config.pyramid.get("level_steps", ()))
+    lengths = tuple(config.pyramid.level_steps)
     if not lengths:
         lengths = tuple((s + 1) * total // levels - s * total // levels for s in range(levels - 1))
     starts = [0]

@@ -14,7 +14,7 @@ import optax
 import orbax.checkpoint as ocp
 
 from autocontext_jax.models.init import abstract_variables, init_variables
-from autocontext_jax.training import checkpointing
+from autocontext_jax.runtime import checkpointing
 
 
 @flax.struct.dataclass

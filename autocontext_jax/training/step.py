@@ -11,9 +11,10 @@ import ml_collections
 import optax
 
 from autocontext_jax.data.device_augment import augment_intensity, device_pyramid_crops
-from autocontext_jax.models import conv
-from autocontext_jax.models.pyramid import AutoContextPyramid, context_dropout_mask, with_context
-from autocontext_jax.training import parallel, phases
+from autocontext_jax.models import context, conv
+from autocontext_jax.models.pyramid import AutoContextPyramid
+from autocontext_jax.runtime import parallel
+from autocontext_jax.training import phases
 from autocontext_jax.training.losses import segmentation_loss
 from autocontext_jax.training.state import TrainState, ema_update, make_schedule
 
@@ -51,7 +52,7 @@ def level_inputs(
 
 def weighted_loss(level_losses: jax.Array, config: ml_collections.ConfigDict) -> jax.Array:
     """The summed loss of the levels, each weighted by `pyramid.level_loss_weights` if set."""
-    weights = tuple(config.pyramid.get("level_loss_weights", ()))
+    weights = tuple(config.pyramid.level_loss_weights)
     if not weights:
         return jnp.sum(level_losses)
     return jnp.sum(jnp.asarray(weights, level_losses.dtype) * level_losses)
@@ -160,17 +161,17 @@ def make_separate_train_step(
 
     def phase_loss(state: TrainState, images: list, targets: list, key: jax.Array):
         frozen = state.ema_params if averaged else state.params
-        dropped = context_dropout_mask(key, images[0].shape[0], dropout)
+        dropped = context.context_dropout_mask(key, images[0].shape[0], dropout)
 
         def loss_fn(params):
-            losses, logits, batch_stats = [], None, dict(state.batch_stats)
-            for s in range(phase + 1):
+            losses, batch_stats = [], dict(state.batch_stats)
+
+            def run_level(level: int, coarser_logits: jax.Array | None) -> jax.Array:
+                s, name = level - 1, names[level - 1]
                 x = images[s]
-                if s > 0 and model.takes_context(s + 1):
-                    x = with_context(
-                        x, logits, stop_gradient=True, dropped=dropped if s == phase else None
-                    )
-                name = names[s]
+                if coarser_logits is not None:
+                    probs = context.context_probabilities(coarser_logits, stop_gradient=True)
+                    x = context.finer_input(x, probs, dropped if s == phase else None)
                 if s < phase:
                     variables = {"params": frozen[name], "batch_stats": state.batch_stats[name]}
                     logits = net.apply(variables, x, train=False)
@@ -179,6 +180,10 @@ def make_separate_train_step(
                     logits, updates = net.apply(variables, x, train=True, mutable=["batch_stats"])
                     batch_stats[name] = updates["batch_stats"]
                 losses.append(level_loss(logits, targets[s]))
+                return logits
+
+            # Level `phase` + 1 learns; the finer levels do not run in its phase.
+            context.coarse_to_fine(phase + 1, model.mode, run_level)
             untrained = [jnp.full((), jnp.nan, jnp.float32)] * (num_levels - phase - 1)
             return losses[phase], (jnp.stack(losses + untrained), batch_stats)
 

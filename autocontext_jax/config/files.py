@@ -11,7 +11,7 @@ from types import ModuleType
 import ml_collections
 
 # The configs/ folder of the checkout this package runs from (an editable install or a clone).
-SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
+SHIPPED_CONFIGS = pathlib.Path(__file__).resolve().parents[2] / "configs"
 
 
 def load_python_file(path: str | os.PathLike) -> ModuleType:

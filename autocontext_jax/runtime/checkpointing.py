@@ -24,16 +24,15 @@ import ml_collections
 import orbax.checkpoint as ocp
 from jax.experimental import multihost_utils
 
+from autocontext_jax.config import schema
 from autocontext_jax.data.atomic import write_text_atomically
-from autocontext_jax.training import checksums
+from autocontext_jax.runtime import checksums
 
 CONFIG_FILE = "config.json"
 CHECKPOINTS_DIR = "checkpoints"
 MANIFEST_FILE = checksums.MANIFEST_FILE
 # Where training moves the damaged checkpoints it skipped (beside CHECKPOINTS_DIR).
 DAMAGED_DIR = "damaged_checkpoints"
-# Used for runs saved before the surface metrics existed.
-DEFAULT_NSD_TOLERANCE_MM = 2.0
 
 
 class CheckpointError(ValueError):
@@ -385,7 +384,7 @@ def write_config(
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
-    """The resolved config that the run in `workdir` saved as config.json."""
+    """The resolved config that the run in `workdir` saved, migrated to today's schema."""
     path = pathlib.Path(workdir) / CONFIG_FILE
     if not path.is_file():
         raise CheckpointError(f"{path}: no config.json; --workdir must be a training run's folder")
@@ -393,6 +392,8 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: not a valid config ({error})") from error
-    if "nsd_tolerance_mm" not in config.eval:
-        config.eval.nsd_tolerance_mm = DEFAULT_NSD_TOLERANCE_MM
+    try:
+        config, _ = schema.migrate(config)
+    except schema.ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from error
     return config

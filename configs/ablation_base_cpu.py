@@ -1,6 +1,6 @@
 """The ablation's base config on a 2-core CPU: the default pyramid, 800 steps, 20 phantom cases.
 
-    autocontext ablation --config configs/ablation_cpu.py --levels 1,2 \
+    autocontext ablation --config configs/ablation_base_cpu.py --levels 1,2 \
         --modes end_to_end,separate,none --seeds 0,1,2 --runs_dir runs/ablation_cpu
 
 50 to 100 minutes for those 12 runs on a 2-core laptop CPU, by how busy it is; measured
@@ -15,7 +15,7 @@ import pathlib
 
 import ml_collections
 
-from autocontext_jax.config_files import load_config_file
+from autocontext_jax.config.files import load_config_file
 
 
 def get_config() -> ml_collections.ConfigDict:

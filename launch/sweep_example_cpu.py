@@ -1,14 +1,14 @@
 """A small pyramid-depth x context ablation on the phantom that runs in ~7 minutes on a CPU.
 
-    python launch/sweep.py run launch/ablation_cpu.py --runs_dir runs/ablation_cpu
-    python launch/sweep.py report launch/ablation_cpu.py --runs_dir runs/ablation_cpu
+    autocontext sweep run launch/sweep_example_cpu.py --runs_dir runs/sweep_example_cpu
+    autocontext sweep report launch/sweep_example_cpu.py --runs_dir runs/sweep_example_cpu
 
 Levels 1 and 2, context modes end_to_end and none, all on one held-out split of 8 phantom
 cases; the default U-Net trained for a quarter of the default's steps, so it shows the
 workflow and the direction of the effect, not the paper's numbers.
 With one level there is no context, so the two modes are the same run and run once.
 An example of a sweep file; the ablation with seeds, every mode, paired tests and verdicts
-is `autocontext ablation` (README, "An ablation you can trust").
+is `autocontext ablation` (docs/ablation.md).
 """
 
 from autocontext_jax.cli.sweep import product

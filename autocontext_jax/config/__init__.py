@@ -1,0 +1,1 @@
+"""The config schema (every field once) and the loading of config and sweep files."""
