@@ -8,6 +8,7 @@ import io
 import pathlib
 import re
 import struct
+import subprocess
 import sys
 import traceback
 from unittest import mock
@@ -182,3 +183,9 @@ def tiny_run(tiny_phantom, tmp_path_factory) -> pathlib.Path:
     workdir = tmp_path_factory.mktemp("tiny_run")
     train(config, str(workdir))
     return workdir
+
+
+def python_module(module: str, *args: str) -> subprocess.CompletedProcess:
+    """`python -m MODULE ARGS...` from the repository root, output captured."""
+    command = [sys.executable, "-m", module, *args]
+    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)

@@ -7,9 +7,7 @@ import sys
 import numpy as np
 import pytest
 import scipy.stats
-from conftest import load_config
 
-from autocontext_jax.config.schema import validate_config
 from autocontext_jax.evaluation import ablation
 
 CASES = ["a", "b", "c", "d", "e"]
@@ -37,12 +35,6 @@ def known_runs():
             runs.append(ablation.AblationRun(2, mode, seed, _result(levels)))
             table[(mode, 2, 1, seed)], table[(mode, 2, 2, seed)] = coarse, fine
     return runs, table
-
-
-def test_the_ablation_config_is_valid():
-    config = load_config("ablation_base_cpu")
-    validate_config(config, 1)
-    assert config.data.phantom_cases - config.data.num_val_cases == 12
 
 
 def test_holm_adjusts_step_down_and_stays_monotone():

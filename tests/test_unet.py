@@ -73,6 +73,17 @@ def test_batch_statistics_are_updated_in_training_only():
     before = jax.tree.leaves(variables["batch_stats"])
     after = jax.tree.leaves(updates["batch_stats"])
     assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+    # In inference the running statistics are used and left exactly as they were...
+    _, unchanged = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    for a, b in zip(before, jax.tree.leaves(unchanged["batch_stats"]), strict=True):
+        np.testing.assert_array_equal(a, b)
+    # ...and they, not the batch's statistics, normalise: an example's output does not depend
+    # on the rest of its batch in inference, as it does in training.
+    alone = model.apply(variables, x[:1], train=False)
+    np.testing.assert_allclose(model.apply(variables, x, train=False)[:1], alone, atol=1e-6)
+    trained_alone, _ = model.apply(variables, x[:1], train=True, mutable=["batch_stats"])
+    trained, _ = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(trained[:1], trained_alone, atol=1e-3)
 
 
 def test_max_pool_equals_flax_max_pool_and_its_gradient_on_relu_outputs():

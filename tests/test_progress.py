@@ -4,6 +4,7 @@ import contextlib
 import io
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tqdm
@@ -18,6 +19,14 @@ from autocontext_jax.models.init import abstract_variables, count_parameters
 from autocontext_jax.training import loop
 
 STEPS, EVAL_EVERY = 4, 2
+
+
+@jax.jit
+def _late(loss):
+    """`loss` itself, ready only once about a gigaflop more has run on the device."""
+    matrix = jnp.full((192, 192), 0.01, jnp.float32) + loss * 0.0
+    busy = jax.lax.fori_loop(0, 150, lambda _, m: jnp.tanh(m @ m), matrix)
+    return loss + 0.0 * jnp.sum(busy)
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +54,10 @@ def run_output(tiny_phantom, tmp_path_factory):
 
         def step(state, batch, rng):
             new_state, metrics = compiled(state, batch, rng)
-            # The loss of step k, kept to ask later whether the device had finished it.
+            # The loss of step k arrives only after a computation of a few tenths of a
+            # second on the device (its value unchanged), kept to ask later whether the
+            # device had finished it: a bar that moved without waiting would find it not ready.
+            metrics = {**metrics, "loss": _late(metrics["loss"])}
             states[len(states) + 1] = metrics["loss"]
             return new_state, metrics
 
