@@ -76,6 +76,9 @@ def test_a_value_of_the_wrong_type_is_refused():
         ("eval.nsd_tolerance_mm", 0.0, 1),
         ("eval.every", -1, 1),
         ("eval.num_cases", 0, 1),
+        ("data.fold", 5, 1),  # num_folds is 5: folds 0 to 4
+        ("data.fold", -2, 1),
+        ("data.num_folds", 1, 1),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(tiny_config, field, value, devices):
