@@ -320,3 +320,28 @@ def test_the_full_grid_goes_to_a_cluster_unchanged(tmp_path):
         [*command, "--report_metric=hd95"], capture_output=True, text=True, timeout=300
     )
     assert other.returncode != 0 and "--report_metric" in other.stderr
+
+    # Cross-validated: every run of the grid once per fold, each told its fold (in-process).
+    from conftest import REPO, assert_one_line_error, run_autocontext
+
+    in_process = [
+        "ablation",
+        f"--config={REPO / 'configs' / 'default.py'}",
+        *command[len(ABLATION) :],
+        "--folds=5",
+    ]
+    folds = run_autocontext(*in_process)
+    assert folds.returncode == 0, folds.stderr[-3000:]
+    jobs = [line for line in folds.stdout.splitlines() if line.startswith("== ")]
+    assert len(jobs) == 5 * (3 + 2 * 4 * 3)
+    workdir = tmp_path / "runs" / "levels-3_mode-separate_seed-2_fold-4"
+    assert f"== {workdir.name}: sbatch {workdir / 'job.sbatch'}" in jobs
+    script = folds.stdout.split(f"# {workdir / 'job.sbatch'}\n")[1].split("\n== ")[0]
+    assert "--config.data.num_folds=5 --config.data.fold=4" in script
+    assert "--config.train.steps=4500" in script
+    assert not (tmp_path / "runs").exists()
+    for bad, message in (
+        ("--folds=1", "--folds=1: cross-validation needs at least 2"),
+        ("--override=data.fold=2", "--override data.fold: --folds sets it"),
+    ):
+        assert_one_line_error(run_autocontext(*in_process, bad), message)
