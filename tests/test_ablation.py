@@ -296,6 +296,60 @@ def test_the_command_trains_the_grid_and_writes_the_report(tiny_phantom, tmp_pat
     assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.slow
+def test_a_cross_validated_grid_reports_every_case_once(tiny_phantom, tmp_path):
+    from conftest import REPO, run_autocontext
+
+    tiny = {
+        "data.dir": tiny_phantom,
+        "data.cache_dir": tmp_path / "cache",
+        "data.phantom_cases": 0,
+        "data.crop_size": 8,
+        "model.width": 2,
+        "model.num_poolings": 1,
+        "train.steps": 2,
+        "train.warmup_steps": 1,
+        "train.checkpoint_every": 2,
+        "train.log_every": 2,
+    }
+    runs_dir = tmp_path / "runs"
+    result = run_autocontext(
+        "ablation",
+        f"--config={REPO / 'configs' / 'default.py'}",
+        "--levels=2",
+        "--modes=end_to_end,none",
+        "--seeds=0",
+        "--folds=2",
+        f"--runs_dir={runs_dir}",
+        *(f"--override={key}={value}" for key, value in tiny.items()),
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = sorted(p.name for p in runs_dir.iterdir() if p.is_dir())
+    assert names == [
+        "levels-2_mode-end_to_end_seed-0_cv",
+        "levels-2_mode-end_to_end_seed-0_fold-0",
+        "levels-2_mode-end_to_end_seed-0_fold-1",
+        "levels-2_mode-none_seed-0_cv",
+        "levels-2_mode-none_seed-0_fold-0",
+        "levels-2_mode-none_seed-0_fold-1",
+    ]
+    report = json.loads((runs_dir / "ablation.json").read_text())
+    assert report["folds"] == [0, 1] and len(report["cases"]) == 5  # every case, once
+    average = next(c for c in report["comparisons"] if c["organ"] == "Avg.")
+    assert average["cases"] == 5 and average["pseudo_pairs"] == 5  # one seed: the same n
+    assert "end_to_end vs none at level 2 (Avg.): " in result.stdout
+    assert ", n = 5 cases, not significant (cannot reach significance at n = 5" in result.stdout
+    assert "No test of this report can reach significance" in result.stdout
+    assert "cross-validated over 2 folds" in result.stdout
+    cv = json.loads((runs_dir / "levels-2_mode-none_seed-0_cv" / "eval_cases.json").read_text())
+    assert sorted(cv["case_ids"]) == report["cases"]
+    for fold in (0, 1):
+        split = json.loads(
+            (runs_dir / f"levels-2_mode-none_seed-0_fold-{fold}" / "split.json").read_text()
+        )
+        assert split["fold"] == fold and split["num_folds"] == 2
+
+
 def test_the_full_grid_goes_to_a_cluster_unchanged(tmp_path):
     # The paper-size grid as SLURM jobs: printed, nothing written, separate runs doubled.
     command = [

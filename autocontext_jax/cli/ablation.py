@@ -21,8 +21,9 @@ mean ± std over seeds; every mode against --baseline at each depth and every py
 against one U-Net, with the case as the unit (per case the mean over seeds; --test over
 cases, a 95 % bootstrap interval, Holm), one verdict per comparison, the structures that
 collapsed in a run, and, for comparison only, the old case x seed p-values
-(autocontext_jax/evaluation/ablation.py). `--override KEY=VALUE` changes a config field of
-every run.
+(autocontext_jax/evaluation/ablation.py); with --folds also each configuration's
+cross-validated Table-1 summary in RUNS_DIR/NAME_cv (as `autocontext evaluate --cv`).
+`--override KEY=VALUE` changes a config field of every run.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from autocontext_jax.data.atomic import (
     write_json_atomically,
     write_text_atomically,
 )
-from autocontext_jax.evaluation import ablation, compare
+from autocontext_jax.evaluation import ablation, compare, crossval
 from autocontext_jax.evaluation.figures import ablation_figure
 from autocontext_jax.runtime import environment
 
@@ -169,6 +170,7 @@ def write_report(
     if missing:
         text = f"**Not finished, left out:** {', '.join(missing)}\n\n" + text
     folder = pathlib.Path(runs_dir)
+    report["cross_validations"] = write_cross_validations(runs, missing + left_out, folder)
     write_text_atomically(folder / f"{REPORT_NAME}.md", text)
     write_json_atomically(folder / f"{REPORT_NAME}.json", report)
     try:
@@ -180,6 +182,27 @@ def write_report(
             folder / f"{REPORT_NAME}.png", lambda path: figure.savefig(path, format="png", dpi=120)
         )
     return text
+
+
+def write_cross_validations(
+    runs: Sequence[sweep.SweepRun], left_out: Sequence[str], folder: pathlib.Path
+) -> list[str]:
+    """Each finished cross-validated configuration's Table-1 summary over all its cases.
+
+    Written as `autocontext evaluate --cv` writes it, into RUNS_DIR/NAME_cv (NAME the
+    runs' name without the fold); returns those folders.
+    """
+    configurations: dict[str, list[pathlib.Path]] = {}
+    for run in runs:
+        if "data.fold" in run.overrides and run.name not in left_out:
+            stem = run.name.rsplit("_fold-", 1)[0]
+            configurations.setdefault(stem, []).append(pathlib.Path(run.workdir))
+    written = []
+    for stem, workdirs in configurations.items():
+        out = folder / f"{stem}_cv"
+        crossval.write_cross_validation(out, crossval.cross_validate(workdirs))
+        written.append(str(out))
+    return written
 
 
 def main(argv: list[str]) -> None:

@@ -399,10 +399,12 @@ def ablation_markdown(report: Mapping[str, Any]) -> str:
         lines += [f"**{statement}**", ""]
     lines += ["## Collapsed structures (Dice 0 on every held-out case of a run)", ""]
     if report["collapses"]:
+        by_run: dict[tuple[str, int, int], list[str]] = {}
+        for c in report["collapses"]:
+            by_run.setdefault((c["run"], c["level"], c["cases"]), []).append(c["structure"])
         lines += [
-            f"- {c['run']}, level {c['level']}: {c['structure']} Dice 0 on all {c['cases']} "
-            "held-out cases"
-            for c in report["collapses"]
+            f"- {run}, level {level}: {', '.join(structures)} Dice 0 on all {cases} held-out cases"
+            for (run, level, cases), structures in by_run.items()
         ]
     else:
         lines.append("None.")
