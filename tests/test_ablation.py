@@ -165,6 +165,10 @@ def test_enough_cases_can_reach_significance_and_say_nothing():
     assert all(c["can_reach_significance"] and c["significant"] for c in report["comparisons"])
     assert ablation.reach_statement(report) is None
     assert ablation.cases_needed(2, 0.05) == 7 and ablation.cases_needed(40, 0.05) == 11
+    # The example: 8 held-out cases, 40 tests: the floor 2/2^8 x 40 = 0.31.
+    assert ablation.smallest_p_value(8) == 2 / 2**8 == 0.0078125
+    assert ablation.smallest_p_value(8, "ttest") == 0.0
+    assert ablation.cases_needed(40, 0.05) > 8
 
 
 def test_the_bootstrap_interval_is_seeded_and_resamples_cases():

@@ -57,9 +57,10 @@ class AblationRun:
 
     @property
     def name(self) -> str:
-        """`levels=2 mode=none seed=0`, with ` fold=3` for a run of a cross-validation."""
+        """`levels=2 mode=none seed=0` (`levels=1 seed=0`), ` fold=3` added for a fold run."""
         fold = f" fold={self.fold}" if self.fold >= 0 else ""
-        return f"levels={self.levels} mode={self.mode} seed={self.seed}{fold}"
+        mode = "" if self.levels == 1 else f" mode={self.mode}"  # one U-Net has no context
+        return f"levels={self.levels}{mode} seed={self.seed}{fold}"
 
 
 Key = tuple[str, int, int]  # (mode, pyramid depth, level)
@@ -137,17 +138,16 @@ def paired_p_value(baseline: np.ndarray, other: np.ndarray, test: str = "wilcoxo
     raise AblationError(f"unknown test {test!r}; one of {TESTS}")
 
 
-def smallest_p_value(differences: np.ndarray, test: str = "wilcoxon") -> float:
-    """The smallest two-sided p the test can give these n paired differences.
+def smallest_p_value(cases: int, test: str = "wilcoxon") -> float:
+    """The smallest two-sided p a test can give n paired cases, whatever their values.
 
-    Wilcoxon: 2/2^n over the n non-zero differences (all of one sign, exact distribution;
+    Wilcoxon: 2/2^n, all n differences non-zero and of one sign (exact distribution;
     scipy's normal approximation, used with ties or zeros, gives more). A paired t-test
     has no floor: 0.
     """
     if test != "wilcoxon":
         return 0.0
-    nonzero = int(np.count_nonzero(np.ravel(differences)))
-    return min(1.0, 2.0 / 2.0**nonzero)
+    return min(1.0, 2.0 / 2.0**cases)
 
 
 def bootstrap_interval(
@@ -228,7 +228,7 @@ def _case_level_test(
         "ci_low": low,
         "ci_high": high,
         "p_value": paired_p_value(b.mean(axis=0), o.mean(axis=0), test),
-        "smallest_p": smallest_p_value(differences, test),
+        "smallest_p": smallest_p_value(int(differences.size), test),
         "seed_std": float(per_seed.std(ddof=1)) if len(seeds) > 1 else 0.0,
     }
 
