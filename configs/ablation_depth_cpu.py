@@ -9,13 +9,13 @@ seed, by the fold model that held it out, so each test has n = 20 independent ca
 
 Why these sizes. The phantom is the default one (128 x 112 x 96 voxels of 1.5 mm: a
 192 x 168 x 144 mm body). Level 1 of a depth-S pyramid sees crop_size x 2^S native voxels
-per axis; with crop_size 16 that is 48 mm for one U-Net, 96 mm (half the body) for depth 2
+per axis; with crop_size 16 that is 48 mm for one U-Net, 96 mm (half the body's width) for depth 2
 and 192 mm (the whole body, at 12 mm voxels) for depth 3, so only the third level gives the
 pyramid the whole-abdomen view that the paper's level 1 has. With the default crop of 24,
-depth 2 already sees 144 mm and a third level would be two-thirds padding: a coarser copy,
-not a new view. A finer phantom (1.0 mm) with crop 24 would give the same geometry at 3.4
-times the cost per step and per evaluated voxel. crop_size 16 is a multiple of
-2^num_poolings = 8; a depth-3 volume is padded to a multiple of 2^3 x 2^3 = 64 voxels.
+depth 2 already sees 144 mm, and a third level's 288 mm cube would be four-fifths padding:
+a coarser copy, not a new view. A finer phantom (1.0 mm) with crop 24 would give the same
+geometry at 3.4 times the cost per step and per evaluated voxel. crop_size 16 is a multiple
+of 2^num_poolings = 8; a depth-3 volume is padded to a multiple of 2^3 x 2^3 = 64 voxels.
 
 Time (docs/ablation.md has the commands and the arithmetic): measured on 2026-12-06 with
 the CPU shared (load average 7 to 10 on 2 cores), 50-step runs took a median 0.13 s per
