@@ -23,7 +23,7 @@ def test_every_shipped_config_is_valid(name):
 def test_the_depth_ablation_is_valid_at_every_depth_mode_and_fold_it_runs():
     for levels in (1, 2, 3):
         for mode in ("end_to_end", "none"):
-            for fold in range(5):
+            for fold in range(load_config("ablation_depth_cpu").data.num_folds):
                 config = load_config("ablation_depth_cpu")
                 config.pyramid.levels, config.pyramid.mode, config.data.fold = levels, mode, fold
                 validate_config(config, 1)

@@ -3,7 +3,7 @@
     autocontext ablation --config configs/ablation_base_cpu.py --levels 1,2 \
         --modes end_to_end,separate,none --seeds 0,1,2 --runs_dir runs/ablation
     autocontext ablation --config configs/ablation_depth_cpu.py --levels 1,2,3 \
-        --modes end_to_end,none --seeds 0,1 --folds 5 --runs_dir runs/ablation_depth
+        --modes end_to_end,none --seeds 0,1 --folds 3 --runs_dir runs/ablation_depth
     autocontext ablation ... --backend=slurm --slurm_gpus_per_node=1 --dry_run
     autocontext ablation ... --report_only
 
