@@ -23,12 +23,12 @@ that show a seed-to-seed spread. 1,200 steps: measured on fold 0 of 5 folds, a d
 finest level reached 59.3 Dice at 600 steps (below its level 2, 65.1) and 81.4 at 1,200
 (levels 56.8, 70.9, 81.4); one U-Net 34.1 and 62.8.
 
-Time, measured on 2026-12-06 on this 2-core CPU while shared (load average 4 to 10): 0.12,
-0.44 and 0.46 s per step at depths 1, 2 and 3, 595 s for a whole depth-3 run of 1,200
-steps. Scaled by the documented CPU ablation config timed within the same minutes (4.1
-times slower than idle at load 8), the 30 runs extrapolate to about 84 minutes on an
-otherwise idle 2-core CPU (5 folds: about 136), and to about 4.3 hours at that day's
-speeds. The grid itself has not been run yet.
+Time, measured on 2026-12-06 on this 2-core CPU while shared with other sessions: whole
+fold-0 runs of 1,200 steps took 114 s (depth 1), 278 s (depth 2, with its compile) and
+402 s (depth 3) at load average 4 to 4.5, so the 30 runs take about 2.4 hours at that load;
+the documented CPU ablation config, timed in the same minutes, ran 1.8 to 2.0 times slower
+than its idle figure, which puts the grid at 73 to 81 minutes on an otherwise idle 2-core
+CPU (5 folds: about 2 hours). The grid itself has not been run yet.
 """
 
 import pathlib
