@@ -4,8 +4,8 @@ import pathlib
 
 import pytest
 
+from autocontext_jax import prepare
 from autocontext_jax.data.errors import DatasetError
-from autocontext_jax.training import loop
 
 TESTS = pathlib.Path(__file__).parent
 
@@ -17,14 +17,14 @@ def test_the_phantom_is_generated_only_into_the_default_folder_or_when_asked(tmp
     config = make_tiny_config("data/phantm")  # a typo of the default folder
     config.data.phantom_cases = 1
     with pytest.raises(DatasetError, match=r"data/phantm: config\.data\.dir does not exist"):
-        loop.ensure_dataset(config.data)
+        prepare.ensure_dataset(config.data)
     assert not (tmp_path / "data").exists()
 
     config.data.dir = load_config("default").data.dir
-    loop.ensure_dataset(config.data)
+    prepare.ensure_dataset(config.data)
     assert len(list((tmp_path / "data" / "phantom" / "labelsTr").iterdir())) == 1
 
     config.data.dir = "elsewhere"
     config.data.generate_phantom = True
-    loop.ensure_dataset(config.data)
+    prepare.ensure_dataset(config.data)
     assert len(list((tmp_path / "elsewhere" / "labelsTr").iterdir())) == 1
