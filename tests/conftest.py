@@ -207,3 +207,17 @@ def python_module(module: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS...` from the repository root, output captured."""
     command = [sys.executable, "-m", module, *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+# Fixtures that train a run, or strike one: a test that uses one is slow whatever its own
+# time, so the fast tier (`pytest -m "not slow"`) never pays for them.
+TRAINING_FIXTURES = frozenset(
+    {"tiny_run", "trained_run", "run", "run_output", "two_checkpoints", "injector"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that uses a fixture which trains a run."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -98,6 +98,7 @@ run_command("A command.", lambda: None, main, sys.argv)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["--verbose", "--verbosity=0"])
 def test_jax_start_up_warnings_show_only_with_verbose(option):
     quiet = _run(sys.executable, "-c", START_UP_SCRIPT)

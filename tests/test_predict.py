@@ -129,6 +129,7 @@ def _world_centroid(mask, affine):
     return nib.affines.apply_affine(affine, np.argwhere(mask).mean(axis=0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("orientation", list(AFFINES))
 def test_output_overlays_the_input_whatever_its_orientation(
     threshold_predictor, tmp_path, orientation
@@ -156,6 +157,7 @@ def test_output_overlays_the_input_whatever_its_orientation(
     assert np.linalg.norm(shift) < 1.5  # mm; voxels are 1.5 to 3 mm
 
 
+@pytest.mark.slow
 def test_a_folder_gives_one_output_per_case_with_levels_and_probabilities(
     threshold_predictor, tmp_path
 ):
@@ -255,6 +257,7 @@ def test_a_failed_write_leaves_an_existing_output_whole(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not TOTALSEG_EXAMPLE.is_dir(), reason=f"the real example case is not at {TOTALSEG_EXAMPLE}"
 )
@@ -284,6 +287,7 @@ def test_command_line_segments_the_real_case_and_prints_dice(trained_run, tmp_pa
     assert values.dtype == np.uint8 and values.max() < 8
 
 
+@pytest.mark.slow
 def test_command_line_names_a_missing_checkpoint(tmp_path):
     _write_scan(tmp_path / "scan.nii.gz", "RAS")
     command = [
@@ -386,6 +390,7 @@ def test_label_maps_from_a_preset_or_pairs():
             parse_label_map(text, 8)
 
 
+@pytest.mark.slow
 def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_phantom, tmp_path):
     images, labels = _nnunet_folder(tiny_phantom, tmp_path)
     output = tmp_path / "segs"
