@@ -370,7 +370,7 @@ def test_a_folder_of_labels_against_itself_scores_perfectly(tiny_phantom, tmp_pa
     np.testing.assert_allclose(result["hd95"]["final_level"], 0.0)
     document = summary_document(result)
     assert document["mean"]["nsd"]["Avg."] == 1.0
-    with pytest.raises(DatasetError, match="no reference for the prediction"):
+    with pytest.raises(DatasetError, match="no prediction has a reference"):
         evaluate_folders(labels, tmp_path / "imagesTs", num_classes=8)
 
 
@@ -625,3 +625,35 @@ def test_captured_standard_error_has_plain_warnings_and_no_bar_redraws(
     [warning] = result.stderr.splitlines()
     assert warning.startswith("Warning: ") and "label_0000.nii.gz" in warning, warning
     assert "a label map" in warning
+
+
+@pytest.mark.slow
+def test_predict_labels_warns_of_cases_without_a_reference_and_strict_refuses(
+    trained_run, tiny_phantom, tmp_path
+):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path, cases=2)
+    (labels / "phantom_001.nii.gz").unlink()
+    output = tmp_path / "segs"
+    command = [
+        "predict", f"--workdir={trained_run}", f"--input={images}", f"--output={output}",
+        f"--labels={labels}", "--tile_size=16",
+    ]  # fmt: skip
+    result = run_autocontext(*command, "--strict")
+    assert_one_line_error(
+        result, "1 predicted cases have no reference, not scored: ['phantom_001']"
+    )
+    assert not output.exists()
+    result = run_autocontext(*command, "--classes=liver,spleen")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "Warning: 1 predicted cases have no reference, not scored: ['phantom_001']"
+    ]
+    summary = json.loads((output / "summary.json").read_text())
+    assert list(summary["cases"]) == ["phantom_000"]
+    assert summary["not_labelled"] == [
+        "artery", "portal_vein", "stomach", "gallbladder", "pancreas"
+    ]  # fmt: skip
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == [
+        "phantom_000.nii.gz",
+        "phantom_001.nii.gz",
+    ]

@@ -10,12 +10,17 @@ workdir. With --model (a file of `autocontext export`) and --data, scores every 
 the dataset and writes the same reports into --output (default: MODEL_evaluation/ beside
 the file). With --predictions and --labels (no run needed), matches CASE.nii.gz to
 CASE.nii.gz and writes Dice, HD95 and NSD per case and class, and their means, to
-PREDICTIONS/summary.json (or --summary).
+PREDICTIONS/summary.json (or --summary). Structures the references do not label (none
+of them holds it, --classes leaves it out, or the dataset.json beside the labels does not
+list it) are "not labelled": a dash in the tables, null in JSON, out of every average. A
+prediction without a reference, or a reference without a prediction, is one warning line
+naming the cases (an error with --strict).
 """
 
 from __future__ import annotations
 
 import pathlib
+import sys
 from collections.abc import Sequence
 
 from absl import app, flags
@@ -24,7 +29,14 @@ from autocontext_jax.cli.common import checked_flag, no_arguments, quiet_logging
 from autocontext_jax.config import schema
 from autocontext_jax.data.labels import LABEL_MAP_PRESETS, NUM_PAPER_CLASSES, parse_label_map
 from autocontext_jax.evaluation.evaluate import evaluate_model_file, evaluate_workdir
-from autocontext_jax.evaluation.folders import SUMMARY_FILE, evaluate_folders, write_summary
+from autocontext_jax.evaluation.folders import (
+    SUMMARY_FILE,
+    dataset_labelled_classes,
+    evaluate_folders,
+    parse_classes,
+    unmatched_line,
+    write_summary,
+)
 from autocontext_jax.evaluation.reports import summary_markdown
 
 FLAGS = flags.FLAGS
@@ -47,6 +59,15 @@ def define_flags() -> None:
         None,
         "Ids of the --labels files as classes: ID:CLASS,ID:CLASS,... or "
         f"{' or '.join(LABEL_MAP_PRESETS)} (default: the ids are the classes).",
+    )
+    flags.DEFINE_string(
+        "classes",
+        None,
+        "The structures the references label, e.g. liver,spleen (default: those any "
+        "reference holds, and the dataset.json beside the labels lists)",
+    )
+    flags.DEFINE_bool(
+        "strict", False, "A prediction without a reference, or the reverse, is an error."
     )
     flags.DEFINE_string("summary", None, "Where to write summary.json (default: PREDICTIONS/).")
     flags.DEFINE_string(
@@ -76,9 +97,21 @@ def evaluate_predictions() -> None:
         label_map = checked_flag(
             lambda: parse_label_map(FLAGS.label_map, FLAGS.num_classes), "label_map"
         )
+    labelled = dataset_labelled_classes(pathlib.Path(FLAGS.labels), FLAGS.num_classes, label_map)
+    if FLAGS.classes is not None:
+        labelled = checked_flag(lambda: parse_classes(FLAGS.classes, FLAGS.num_classes), "classes")
     result = evaluate_folders(
-        FLAGS.predictions, FLAGS.labels, FLAGS.num_classes, label_map, "background", tolerance
+        FLAGS.predictions,
+        FLAGS.labels,
+        FLAGS.num_classes,
+        label_map,
+        "background",
+        tolerance,
+        labelled=labelled,
+        strict=FLAGS.strict,
     )
+    if result["unmatched"]:
+        print(f"Warning: {unmatched_line(result['unmatched'])}", file=sys.stderr, flush=True)
     write_summary(path, result)
     print(summary_markdown(result))
     print(f"Wrote {path}")

@@ -40,14 +40,25 @@ from absl import app, flags
 
 from autocontext_jax.cli.common import checked_flag, no_arguments, quiet_logging, run_command
 from autocontext_jax.data.atomic import write_json_atomically, write_text_atomically
-from autocontext_jax.data.labels import LABEL_MAP_PRESETS, parse_label_map, read_labels
+from autocontext_jax.data.errors import DatasetError
+from autocontext_jax.data.labels import (
+    LABEL_MAP_PRESETS,
+    class_names,
+    parse_label_map,
+    read_labels,
+)
 from autocontext_jax.data.nifti import read_scan
 from autocontext_jax.data.scans import is_dicom_folder, read_any_scan
 from autocontext_jax.evaluation.folders import (
+    IN_REFERENCE,
     SUMMARY_FILE,
+    dataset_labelled_classes,
     folder_result,
+    label_files,
+    parse_classes,
     score_label_file,
     score_labels,
+    unmatched_line,
     write_summary,
 )
 from autocontext_jax.evaluation.reports import summary_markdown
@@ -119,6 +130,17 @@ def define_flags() -> None:
         "Ids of the --labels files as model classes: ID:CLASS,ID:CLASS,... or "
         f"{' or '.join(LABEL_MAP_PRESETS)} (default: the run's data.label_map).",
     )
+    flags.DEFINE_string(
+        "classes",
+        None,
+        "With --labels: the structures the references label, e.g. liver,spleen (default: "
+        "those any reference holds, and the dataset.json beside the labels lists)",
+    )
+    flags.DEFINE_bool(
+        "strict",
+        False,
+        "With --labels: a case without a reference, or a reference without a case, is an error.",
+    )
     flags.DEFINE_bool(
         "statistics",
         False,
@@ -178,8 +200,22 @@ def main(argv: list[str]) -> None:
     input_path = pathlib.Path(FLAGS.input)
     jobs = list_inputs(input_path, pathlib.Path(FLAGS.output))
     references = {}
+    labelled = None
     if FLAGS.labels is not None:
-        references = reference_files(jobs, pathlib.Path(FLAGS.labels))
+        labels_path = pathlib.Path(FLAGS.labels)
+        references = reference_files(jobs, labels_path, required=False)
+        labelled = dataset_labelled_classes(labels_path, trained.num_classes, label_map)
+        if FLAGS.classes is not None:
+            labelled = checked_flag(
+                lambda: parse_classes(FLAGS.classes, trained.num_classes), "classes"
+            )
+        unmatched = unmatched_references(jobs, references, labels_path)
+        if unmatched and FLAGS.strict:
+            raise DatasetError(f"{labels_path}: {unmatched_line(unmatched)} (--strict)")
+        if unmatched:
+            print(f"Warning: {unmatched_line(unmatched)}", file=sys.stderr, flush=True)
+    elif FLAGS.classes is not None or FLAGS.strict:
+        raise app.UsageError("--classes and --strict go with --labels")
     check_outputs(
         jobs,
         trained.num_levels,
@@ -246,7 +282,7 @@ def main(argv: list[str]) -> None:
                         unmapped,
                         tolerance,
                     )
-                    line += f", mean Dice {100 * np.mean(scores[finished.case]['dice']):.1f} %"
+                    line += f", mean Dice {100 * mean_dice(scores[finished.case], labelled):.1f} %"
                 print(line, flush=True)
                 if finished.statistics is not None:
                     measured[finished.case] = finished.statistics
@@ -258,16 +294,44 @@ def main(argv: list[str]) -> None:
     if measured:
         print(f"Wrote {write_statistics(input_path, jobs, measured)}")
     if references:
+        scored = [job for job in jobs if job.case in scores]
         result = folder_result(
-            [job.case for job in jobs],
-            [scores[job.case] for job in jobs],
+            [job.case for job in scored],
+            [scores[job.case] for job in scored],
             trained.class_names[1:],
             tolerance,
+            labelled=labelled,
         )
         path = summary_path(input_path, jobs)
         write_summary(path, result)
         print(summary_markdown(result))
         print(f"Wrote {path}")
+
+
+def unmatched_references(
+    jobs: Sequence[PredictionJob],
+    references: dict[pathlib.Path, pathlib.Path],
+    labels: pathlib.Path,
+) -> dict[str, list[str]]:
+    """The cases without a reference, and the reference files of a folder without a case."""
+    unmatched = {
+        "predictions_without_reference": [j.case for j in jobs if j.input not in references],
+    }
+    if labels.is_dir() and len(jobs) > 1:
+        cases = {job.case for job in jobs}
+        unmatched["references_without_prediction"] = sorted(set(label_files(labels)) - cases)
+    return {key: cases for key, cases in unmatched.items() if cases}
+
+
+def mean_dice(scores: dict[str, list], labelled: Sequence[str] | None) -> float:
+    """A case's mean Dice over the structures its reference holds (and `labelled` names)."""
+    names = class_names(len(scores["dice"]) + 1)[1:]
+    values = [
+        value
+        for value, name, present in zip(scores["dice"], names, scores[IN_REFERENCE], strict=True)
+        if present and (labelled is None or name in labelled)
+    ]
+    return float(np.mean(values)) if values else float("nan")
 
 
 def statistics_of_file(
