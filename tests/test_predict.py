@@ -501,6 +501,7 @@ def _write_dicom_series(folder):
         plane.SetMetaData("0008|0060", "CT")
         plane.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.1")
         plane.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2")
+        plane.SetMetaData("0020|0052", "1.2.826.0.1.3680043.2.1125.1.3")  # frame of reference
         plane.SetMetaData("0020|0037", orientation)
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
         plane.SetMetaData("0020|0032", "\\".join(str(v) for v in position))

@@ -141,6 +141,13 @@ def define_flags() -> None:
         False,
         "With --labels: a case without a reference, or a reference without a case, is an error.",
     )
+    flags.DEFINE_enum(
+        "output_type",
+        "nifti",
+        ["nifti", "dicom_seg"],
+        "dicom_seg (a DICOM series input): also write NAME.dcm, a DICOM Segmentation of the "
+        "series with SNOMED CT codes (pip install -e '.[dicom]').",
+    )
     flags.DEFINE_bool(
         "statistics",
         False,
@@ -216,6 +223,13 @@ def main(argv: list[str]) -> None:
             print(f"Warning: {unmatched_line(unmatched)}", file=sys.stderr, flush=True)
     elif FLAGS.classes is not None or FLAGS.strict:
         raise app.UsageError("--classes and --strict go with --labels")
+    if FLAGS.output_type == "dicom_seg":
+        not_dicom = [str(job.input) for job in jobs if not is_dicom_folder(job.input)]
+        if not_dicom:
+            raise app.UsageError(
+                f"--output_type dicom_seg needs a DICOM series folder as --input; "
+                f"{not_dicom[0]} is not one"
+            )
     check_outputs(
         jobs,
         trained.num_levels,
@@ -266,6 +280,7 @@ def main(argv: list[str]) -> None:
                 save_probabilities=FLAGS.save_probabilities,
                 save_levels=FLAGS.save_levels,
                 statistics=FLAGS.statistics,
+                dicom_seg=FLAGS.output_type == "dicom_seg",
             ):
                 finished_cases.append(finished.case)
                 line = (

@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 
 import tqdm
 
+from autocontext_jax import __version__
+from autocontext_jax.data.dicom_seg import write_dicom_seg
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.hounsfield import hounsfield_warning
 from autocontext_jax.data.nifti import (
@@ -62,6 +64,11 @@ def side_output(output: pathlib.Path, tag: str, suffix: str = ".nii.gz") -> path
     return output.with_name(f"{case_name(output)}_{tag}{suffix}")
 
 
+def dicom_seg_output(output: pathlib.Path) -> pathlib.Path:
+    """OUTPUT_NAME.dcm beside the main output: its DICOM Segmentation."""
+    return output.with_name(f"{case_name(output)}.dcm")
+
+
 def check_writable(path: pathlib.Path) -> None:
     """Fail before the work when `path` cannot be written (not NIfTI, folder not writable)."""
     if not is_nifti_name(path):
@@ -82,11 +89,13 @@ def predict_file(
     save_levels: bool = False,
     show_progress: bool = False,
     statistics: bool = False,
+    dicom_seg: bool = False,
 ) -> PredictedFile:
     """Segment one scan and write OUTPUT (and the optional extras) in the scan's geometry.
 
     With `statistics`, the result also holds each structure's volume and HU inside it,
-    measured on the scan's own grid.
+    measured on the scan's own grid. With `dicom_seg` (a DICOM series input), the labels
+    also go to OUTPUT_NAME.dcm, a DICOM Segmentation referencing the series.
     """
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
     check_writable(output_path)
@@ -115,6 +124,15 @@ def predict_file(
         measured = structure_statistics(result.finest, scan.image, scan.geometry, run.class_names)
     del scan
     write_label_map(result.finest, result.geometry, output_path)
+    if dicom_seg:
+        write_dicom_seg(
+            result.finest,
+            result.geometry,
+            input_path,
+            dicom_seg_output(output_path),
+            run.class_names,
+            __version__,
+        )
     if save_levels:
         for level, labels in enumerate(result.levels[:-1], start=1):
             write_label_map(labels, result.geometry, side_output(output_path, f"level{level}"))
@@ -276,6 +294,7 @@ def predict_jobs(
     save_probabilities: bool = False,
     save_levels: bool = False,
     statistics: bool = False,
+    dicom_seg: bool = False,
 ) -> Iterator[PredictedFile]:
     """Segment the jobs' scans one after another, yielding each as it finishes."""
     for job in tqdm.tqdm(jobs, desc="cases", disable=len(jobs) < 2 or not interactive()):
@@ -288,6 +307,7 @@ def predict_jobs(
             save_levels=save_levels,
             show_progress=True,
             statistics=statistics,
+            dicom_seg=dicom_seg,
         )
 
 
