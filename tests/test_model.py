@@ -14,6 +14,8 @@ from autocontext_jax.data.nifti import read_scan
 from autocontext_jax.data.preprocess import preprocess_scan
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.inference.segment import ensemble_pyramid
+from autocontext_jax.models import build_pyramid
+from autocontext_jax.models.init import init_variables
 
 
 def _scan(tiny_phantom):
@@ -123,3 +125,41 @@ def test_members_whose_plan_classes_or_label_map_differ_are_refused(
     )
     assert_one_line_error(result, f"Cannot ensemble: {copy}: its preprocessing plan differs")
     assert not output.exists()
+
+
+def test_a_folder_of_runs_is_an_ensemble_of_them(tiny_run, tmp_path):
+    for fold in ("fold0", "fold1"):
+        shutil.copytree(tiny_run, tmp_path / "runs" / fold)
+    model = inference.load_model([tmp_path / "runs"])
+    assert [member.workdir.name for member in model.members] == ["fold0", "fold1"]
+    assert model.description().startswith("an ensemble of 2: step 2 of ")
+
+
+def test_members_of_other_poolings_average_over_the_grid_they_share(tiny_run, tiny_phantom):
+    run = inference.load_run(tiny_run)
+    config = run.config.copy_and_resolve_references()
+    config.model.num_poolings = 2  # another padding multiple: larger padded grids
+    deeper = build_pyramid(config)
+    other = dataclasses.replace(
+        run, config=config, model=deeper, variables=init_variables(deeper, 1)
+    )
+    model = inference.Model((run, other))
+    assert model.num_poolings == 2
+    scan = read_scan(_scan(tiny_phantom))
+    volume, _ = preprocess_scan(scan, run.plan)
+    options = inference.TilingOptions(tile_size=16)
+    each = [
+        inference.predict_pyramid(m.model, m.variables, volume, m.plan.pad_value, options)
+        for m in (run, other)
+    ]
+    assert each[0][-1].shape != each[1][-1].shape
+    averaged = ensemble_pyramid(model, volume, options)
+    for level, probs in enumerate(averaged):
+        x, y, z = probs.shape[:3]
+        factor = downsample_factor(level + 1, model.num_levels)
+        # The shared grid still covers the whole (unpadded) volume.
+        assert all(n * factor >= v for n, v in zip((x, y, z), volume.shape, strict=True))
+        expected = (each[0][level][:x, :y, :z] + each[1][level][:x, :y, :z]) / 2
+        np.testing.assert_allclose(probs, expected, rtol=1e-6)
+    labels = inference.segment(model, scan, options).finest
+    assert labels.shape == scan.image.shape

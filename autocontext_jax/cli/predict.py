@@ -90,7 +90,8 @@ def define_flags() -> None:
     flags.DEFINE_multi_string(
         "workdir",
         [],
-        "A training run's folder (config.json, checkpoints/); repeat it for an ensemble.",
+        "A training run's folder (config.json, checkpoints/); repeat it, or give a folder of "
+        "runs (fold runs), for an ensemble.",
     )
     flags.DEFINE_multi_string(
         "model",

@@ -22,6 +22,7 @@ import ml_collections
 from autocontext_jax.data.plan import Plan
 from autocontext_jax.inference.export import is_model_file, read_model_file
 from autocontext_jax.inference.run import CheckpointError, Run, checkpoint_time, load_run
+from autocontext_jax.runtime.checkpointing import CONFIG_FILE
 
 __all__ = ["MemberMismatchError", "Model", "as_model", "check_members", "load_model"]
 
@@ -130,6 +131,14 @@ def as_model(model: Model | Run) -> Model:
     return model if isinstance(model, Model) else Model((model,))
 
 
+def run_folders(path: pathlib.Path) -> list[pathlib.Path]:
+    """The runs `path` names: itself when it is a run, else the runs inside it (fold runs)."""
+    if not path.is_dir() or (path / CONFIG_FILE).is_file():
+        return [path]
+    found = sorted(child for child in path.iterdir() if (child / CONFIG_FILE).is_file())
+    return found or [path]
+
+
 def load_model(
     workdirs: Sequence[str | os.PathLike] = (),
     model_files: Sequence[str | os.PathLike] = (),
@@ -138,7 +147,9 @@ def load_model(
     """Every run of `workdirs` (at checkpoint `step`) and every member of `model_files`.
 
     A path in `workdirs` that is a model file is read as one, so `--workdir model.zip`
-    works too. `step` applies to workdirs only: a model file holds one step per member.
+    works too; a folder that is not a run but holds runs (RUNS/fold0, RUNS/fold1, ...)
+    gives each of them. `step` applies to workdirs only: a model file holds one step per
+    member.
     """
     members: list[Run] = []
     for path in [*workdirs, *model_files]:
@@ -148,7 +159,7 @@ def load_model(
         elif path in map(pathlib.Path, model_files):
             raise CheckpointError(f"{path}: no such model file (autocontext export writes one)")
         else:
-            members.append(load_run(path, step))
+            members.extend(load_run(folder, step) for folder in run_folders(path))
     if not members:
         raise CheckpointError("no run given: --workdir RUN (repeatable) or --model FILE")
     return Model(tuple(members))
