@@ -22,6 +22,7 @@ except ImportError:
 from conftest import TOTALSEG_EXAMPLE, assert_one_line_error, run_autocontext
 
 from autocontext_jax import inference
+from autocontext_jax.cli import predict as predict_cli
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data import nifti
 from autocontext_jax.data.errors import DatasetError
@@ -658,3 +659,17 @@ def test_predict_labels_warns_of_cases_without_a_reference_and_strict_refuses(
         "phantom_000.nii.gz",
         "phantom_001.nii.gz",
     ]
+
+
+def test_ctrl_c_while_the_run_loads_is_one_line_and_130(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_cli, "load_model", interrupted)
+    scan = tmp_path / "scan.nii.gz"
+    _write_scan(scan, "RAS")
+    result = run_autocontext(
+        "predict", f"--workdir={tmp_path}", f"--input={scan}", f"--output={tmp_path / 's.nii.gz'}"
+    )
+    assert result.returncode == 130
+    assert_one_line_error(result, "Stopped on SIGINT before any case was predicted")

@@ -179,7 +179,20 @@ def summary_path(input_path: pathlib.Path, jobs: Sequence[PredictionJob]) -> pat
 
 
 def main(argv: list[str]) -> None:
-    """Restore the run, segment the inputs, print each case as it finishes (and its scores)."""
+    """Restore the run, segment the inputs, print each case as it finishes (and its scores).
+
+    Ctrl-C while the cases are segmented stops after the case in progress (`stopped`);
+    before that (loading the run, checking the paths) it stops at once, one line, 130.
+    """
+    try:
+        predict_command(argv)
+    except KeyboardInterrupt:
+        print("Stopped on SIGINT before any case was predicted; nothing written.", file=sys.stderr)
+        sys.exit(128 + signal.SIGINT)
+
+
+def predict_command(argv: list[str]) -> None:
+    """The command's work: load, check every path, segment the cases, score, summarise."""
     no_arguments(argv)
     if not FLAGS.workdir and not FLAGS.model:
         raise app.UsageError("--workdir (or --model) is required")
