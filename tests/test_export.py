@@ -199,3 +199,23 @@ def test_check_with_the_file_passes_without_training(exported, tmp_path):
     assert result.returncode == 0, result.stderr
     assert "PASS  load: step 2 of" in result.stdout and "digests verified" in result.stdout
     assert "PASS  train" not in result.stdout and "All checks passed" in result.stdout
+
+
+@pytest.mark.slow
+def test_a_file_of_two_members_predicts_as_their_ensemble(tiny_run, tiny_phantom, tmp_path):
+    output = tmp_path / "folds.zip"
+    result = run_autocontext(
+        "export", f"--workdir={tiny_run}", f"--workdir={tiny_run}", f"--output={output}"
+    )
+    assert result.returncode == 0, result.stderr
+    members = inference.read_model_file(output)
+    assert len(members) == 2
+    scan = _scan(tiny_phantom)
+    outputs = {}
+    for name, flag in (("run", f"--workdir={tiny_run}"), ("file", f"--model={output}")):
+        outputs[name] = tmp_path / f"{name}.nii.gz"
+        result = run_autocontext("predict", flag, f"--input={scan}", f"--output={outputs[name]}")
+        assert result.returncode == 0, result.stderr
+    assert "An ensemble of 2" in result.stdout
+    # Two copies of one run average to that run's softmax: the same labels.
+    np.testing.assert_array_equal(_labels(outputs["run"]), _labels(outputs["file"]))
