@@ -33,7 +33,7 @@ from autocontext_jax.inference import tiling  # noqa: E402
 from autocontext_jax.models import build_pyramid  # noqa: E402
 from autocontext_jax.models.flops import unet_forward_flops  # noqa: E402
 from autocontext_jax.models.init import init_variables  # noqa: E402
-from autocontext_jax.training import parallel  # noqa: E402
+from autocontext_jax.runtime import parallel  # noqa: E402
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
 

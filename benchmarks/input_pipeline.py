@@ -30,7 +30,7 @@ from autocontext_jax.data import dataset as dataset_lib  # noqa: E402
 from autocontext_jax.data.device_augment import device_pyramid_crops  # noqa: E402
 from autocontext_jax.data.pipeline import PyramidExampleSampler, train_batches  # noqa: E402
 from autocontext_jax.models import build_pyramid  # noqa: E402
-from autocontext_jax.training import parallel  # noqa: E402
+from autocontext_jax.runtime import parallel  # noqa: E402
 from autocontext_jax.training.state import create_train_state, make_optimizer  # noqa: E402
 from autocontext_jax.training.step import jit_train_step, make_train_step  # noqa: E402
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import io
 import pathlib
 import re
+import shutil
 import struct
 import subprocess
 import sys
+import tempfile
 import traceback
 from unittest import mock
 
+import jax
 import ml_collections
 import numpy as np
 import pytest
@@ -25,6 +29,20 @@ from autocontext_jax.config.files import load_config_file
 from autocontext_jax.training.loop import train
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _compile_each_program_once() -> None:
+    # Many tests build their own jitted step or predictor of the same tiny shapes; JAX's
+    # in-memory cache is per wrapper, the persistent one is keyed by the program, so each
+    # program compiles once per session whichever test asks first. A folder of this
+    # session's own keeps the timings of a fresh clone honest. Set before anything compiles.
+    folder = tempfile.mkdtemp(prefix="autocontext_tests_xla_")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.2)
+
+
+_compile_each_program_once()
 TINY_PHANTOM_SHAPE = (48, 40, 32)
 TINY_PHANTOM_SPACING = (4.0, 4.0, 4.0)
 
@@ -189,3 +207,17 @@ def python_module(module: str, *args: str) -> subprocess.CompletedProcess:
     """`python -m MODULE ARGS...` from the repository root, output captured."""
     command = [sys.executable, "-m", module, *args]
     return subprocess.run(command, capture_output=True, text=True, cwd=REPO, timeout=300)
+
+
+# Fixtures that train a run, or strike one: a test that uses one is slow whatever its own
+# time, so the fast tier (`pytest -m "not slow"`) never pays for them.
+TRAINING_FIXTURES = frozenset(
+    {"tiny_run", "trained_run", "run", "run_output", "two_checkpoints", "injector"}
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark `slow` every test that uses a fixture which trains a run."""
+    for item in items:
+        if TRAINING_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

@@ -39,6 +39,7 @@ def _slowed(train_step, seconds):
     return step
 
 
+@pytest.mark.slow
 def test_a_failed_background_save_stops_the_run_at_once_and_removes_its_partial_folder(
     tiny_phantom, tmp_path, monkeypatch
 ):
@@ -161,6 +162,7 @@ def test_a_damaged_checkpoint_is_named_and_skipped_for_the_previous_one(
     assert not folder.exists() and (workdir / "damaged_checkpoints" / "4").is_dir()
 
 
+@pytest.mark.slow
 def test_training_resumes_from_the_newest_intact_checkpoint(two_checkpoints, tmp_path, capsys):
     from conftest import make_tiny_config
 

@@ -98,6 +98,7 @@ run_command("A command.", lambda: None, main, sys.argv)
 """
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("option", ["--verbose", "--verbosity=0"])
 def test_jax_start_up_warnings_show_only_with_verbose(option):
     quiet = _run(sys.executable, "-c", START_UP_SCRIPT)
@@ -133,7 +134,11 @@ def _hostile_files(root: pathlib.Path, tiny_phantom: pathlib.Path) -> dict[str, 
         "broken_grid": "CONFIG = 'configs/default.py'\ndef get_sweep():\n    return [{}] * 'x'\n",
         "syntax": "CONFIG = 'configs/default.py'\ndef get_sweep(:\n",
     }
-    for name, text in sweeps.items():
+    configs = {
+        "config_syntax": "def get_config(:\n    pass\n",
+        "config_raises": "import ml_collections\n\n\ndef get_config():\n    return 1 / 0\n",
+    }
+    for name, text in {**sweeps, **configs}.items():
         paths[name] = root / f"{name}.py"
         paths[name].write_text(text)
     return paths
@@ -158,7 +163,27 @@ HOSTILE_COMMANDS = {
     ),
     "train a config that does not exist": (
         ["train", "--config=configs/nope.py"],
-        "No such file or directory: 'configs/nope.py'",
+        "Bad --config: configs/nope.py: no such file",
+    ),
+    "train a config that does not exist, with an override": (
+        ["train", "--config=configs/nope.py", "--config.train.steps=3"],
+        "Bad --config: configs/nope.py: no such file",
+    ),
+    "train a config with a syntax error": (
+        ["train", "--config={config_syntax}"],
+        "Bad --config: {config_syntax}:1: invalid syntax",
+    ),
+    "train a config with a syntax error, with an override": (
+        ["train", "--config={config_syntax}", "--config.train.steps=3"],
+        "Bad --config: {config_syntax}:1: invalid syntax",
+    ),
+    "preprocess a config that raises, with an override": (
+        ["preprocess", "--config={config_raises}", "--config.train.steps=3"],
+        "Bad --config: {config_raises}:5: ZeroDivisionError: division by zero",
+    ),
+    "train a config that raises": (
+        ["train", "--config", "{config_raises}", "--workdir={tmp}/w"],
+        "Bad --config: {config_raises}:5: ZeroDivisionError: division by zero",
     ),
     "train a bad value": (
         ["train", "--config=configs/default.py", "--config.train.learning_rate=inf"],
@@ -184,7 +209,7 @@ HOSTILE_COMMANDS = {
     ),  # fmt: skip
     "predict without --workdir": (
         ["predict", "--input={scan}", "--output={tmp}/seg.nii.gz"],
-        "Usage: --workdir is required",
+        "Usage: --workdir (or --model) is required",
     ),
     "predict a folder that is not a run": (
         ["predict", "--workdir={norun}", "--input={scan}", "--output={tmp}/seg.nii.gz"],
@@ -253,6 +278,27 @@ HOSTILE_COMMANDS = {
         ],
         "unknown_ids.nii.gz: label ids [77] outside the model's classes 0..7",
     ),  # fmt: skip
+    "predict into a run's checkpoint folder": (
+        ["predict", "--workdir={run}", "--input={scan}", "--output={run}/checkpoints/2/seg.nii.gz"],
+        "checkpoints, which the training run in {run} owns and prunes",
+    ),
+    "predict into a new folder in a run's checkpoints": (
+        ["predict", "--workdir={run}", "--input={scan}", "--output={run}/checkpoints/x/s.nii.gz"],
+        "checkpoints, which the training run in {run} owns and prunes",
+    ),
+    "predict with a model file that does not exist": (
+        ["predict", "--model={tmp}/nope.zip", "--input={scan}", "--output={tmp}/seg.nii.gz"],
+        "Bad model file: {tmp}/nope.zip: no such model file",
+    ),
+    "export without --output": (["export", "--workdir={run}"], "Usage: --output is required"),
+    "export to a name that is not a zip": (
+        ["export", "--workdir={run}", "--output={tmp}/model.tar"],
+        "model.tar: a model file's name ends in .zip",
+    ),
+    "export a folder that is not a run": (
+        ["export", "--workdir={norun}", "--output={tmp}/model.zip"],
+        "no config.json",
+    ),
     "evaluate nothing": (["evaluate"], "Usage: give --workdir, or --predictions and --labels"),
     "evaluate a folder that is not a run": (["evaluate", "--workdir={norun}"], "no config.json"),
     "evaluate a negative tolerance": (

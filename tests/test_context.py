@@ -113,6 +113,7 @@ def variables_of(variables, level):
     return {"params": variables["params"][name], "batch_stats": variables["batch_stats"][name]}
 
 
+@pytest.mark.slow
 def test_the_separate_step_trains_level_2_on_the_models_finer_input(pyramid, recorder):
     config, model, variables = pyramid
     config = config.copy_and_resolve_references()
@@ -187,6 +188,7 @@ def _inputs():
     return images, targets
 
 
+@pytest.mark.slow
 def test_context_dropout_acts_in_training_only_and_a_dropped_context_carries_nothing_back():
     images, targets = _inputs()
     variables = init_variables(_pyramid(0.0), 0)
@@ -230,6 +232,7 @@ def _step_metrics(config, times=1):
     return results
 
 
+@pytest.mark.slow
 def test_the_step_sums_the_weighted_level_losses_and_its_dropout_is_reproducible():
     config = make_tiny_config()
     config.pyramid.level_loss_weights = (0.25, 1.0)

@@ -22,6 +22,7 @@ def _plain(x, kernel):
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["depth_folded", "folded"])
 @pytest.mark.parametrize(
     ("shape", "out_channels", "size"),
@@ -50,6 +51,7 @@ def test_folded_convolutions_equal_the_plain_one_with_gradients(impl, shape, out
         np.testing.assert_allclose(ours, reference, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_folded_convolution_works_under_vmap_and_in_bfloat16():
     x = jax.random.normal(jax.random.key(7), (3, 1, 4, 4, 4, 2))
     kernel = jax.random.normal(jax.random.key(8), (3, 3, 3, 2, 3))
@@ -79,6 +81,7 @@ def test_conv3d_module_matches_flax_conv_parameter_for_parameter():
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("impl", ["depth_folded", "folded"])
 def test_unet_outputs_and_gradients_agree_across_lowerings(impl):
     x = jax.random.normal(jax.random.key(5), (2, 4, 8, 4, 1))
@@ -140,6 +143,7 @@ def _jaxpr_flops(jaxpr) -> int:
     return total
 
 
+@pytest.mark.slow
 def test_cpu_programs_compile_without_ynnpack_and_compute_the_same():
     assert compiler_options("gpu") is None
     options = compiler_options("cpu")

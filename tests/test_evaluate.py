@@ -45,6 +45,7 @@ def test_pyramid_volumes_nest():
     np.testing.assert_allclose(box_downsample(fine[0, ..., 0], 2), coarse[0, ..., 0], atol=1e-5)
 
 
+@pytest.mark.slow
 def test_predict_levels_returns_label_maps_on_the_input_grid(tiny_config):
     tiny_config.pyramid.levels = 3
     model = build_pyramid(tiny_config)

@@ -38,6 +38,7 @@ def _config_from(saved):
     return ml_collections.ConfigDict(saved)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly_where_the_run_stopped(tiny_phantom, tmp_path):
     from conftest import make_tiny_config
 
@@ -98,6 +99,7 @@ def test_a_resumed_run_with_the_warp_on_the_device_draws_the_same_batches(tiny_p
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+@pytest.mark.slow
 def test_resume_refuses_a_changed_model(tiny_phantom, tmp_path):
     from conftest import make_tiny_config
 
@@ -110,6 +112,7 @@ def test_resume_refuses_a_changed_model(tiny_phantom, tmp_path):
         train_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow
 def test_a_run_keeps_the_last_checkpoints_and_reports_dice(tiny_phantom, tmp_path):
     from conftest import make_tiny_config
 
@@ -133,6 +136,7 @@ def test_a_run_keeps_the_last_checkpoints_and_reports_dice(tiny_phantom, tmp_pat
     assert cases["dice"] == dice and cases["case_ids"] == result["dice"]["case_ids"]
 
 
+@pytest.mark.slow
 def test_a_diverging_run_stops_before_saving_and_keeps_the_last_finite_checkpoint(
     tiny_phantom, tmp_path
 ):
@@ -167,6 +171,7 @@ def _visible_scalars(events) -> list[tuple[str, int, float]]:
     return scalars
 
 
+@pytest.mark.slow
 def test_a_resumed_run_logs_every_step_once(tiny_phantom, tmp_path):
     from conftest import make_tiny_config, read_events
 

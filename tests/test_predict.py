@@ -4,6 +4,7 @@ import json
 import locale
 import logging
 import pathlib
+import signal
 import subprocess
 import sys
 
@@ -18,9 +19,10 @@ try:
 except ImportError:
     sitk = None
 
-from conftest import TOTALSEG_EXAMPLE
+from conftest import TOTALSEG_EXAMPLE, assert_one_line_error, run_autocontext
 
 from autocontext_jax import inference
+from autocontext_jax.cli import predict as predict_cli
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data import nifti
 from autocontext_jax.data.errors import DatasetError
@@ -129,6 +131,7 @@ def _world_centroid(mask, affine):
     return nib.affines.apply_affine(affine, np.argwhere(mask).mean(axis=0))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("orientation", list(AFFINES))
 def test_output_overlays_the_input_whatever_its_orientation(
     threshold_predictor, tmp_path, orientation
@@ -156,6 +159,7 @@ def test_output_overlays_the_input_whatever_its_orientation(
     assert np.linalg.norm(shift) < 1.5  # mm; voxels are 1.5 to 3 mm
 
 
+@pytest.mark.slow
 def test_a_folder_gives_one_output_per_case_with_levels_and_probabilities(
     threshold_predictor, tmp_path
 ):
@@ -255,6 +259,7 @@ def test_a_failed_write_leaves_an_existing_output_whole(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     not TOTALSEG_EXAMPLE.is_dir(), reason=f"the real example case is not at {TOTALSEG_EXAMPLE}"
 )
@@ -284,6 +289,7 @@ def test_command_line_segments_the_real_case_and_prints_dice(trained_run, tmp_pa
     assert values.dtype == np.uint8 and values.max() < 8
 
 
+@pytest.mark.slow
 def test_command_line_names_a_missing_checkpoint(tmp_path):
     _write_scan(tmp_path / "scan.nii.gz", "RAS")
     command = [
@@ -369,7 +375,7 @@ def test_a_folder_of_labels_against_itself_scores_perfectly(tiny_phantom, tmp_pa
     np.testing.assert_allclose(result["hd95"]["final_level"], 0.0)
     document = summary_document(result)
     assert document["mean"]["nsd"]["Avg."] == 1.0
-    with pytest.raises(DatasetError, match="no reference for the prediction"):
+    with pytest.raises(DatasetError, match="no prediction has a reference"):
         evaluate_folders(labels, tmp_path / "imagesTs", num_classes=8)
 
 
@@ -386,6 +392,7 @@ def test_label_maps_from_a_preset_or_pairs():
             parse_label_map(text, 8)
 
 
+@pytest.mark.slow
 def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_phantom, tmp_path):
     images, labels = _nnunet_folder(tiny_phantom, tmp_path)
     output = tmp_path / "segs"
@@ -500,6 +507,7 @@ def _write_dicom_series(folder):
         plane.SetMetaData("0008|0060", "CT")
         plane.SetMetaData("0020|000d", "1.2.826.0.1.3680043.2.1125.1")
         plane.SetMetaData("0020|000e", "1.2.826.0.1.3680043.2.1125.1.2")
+        plane.SetMetaData("0020|0052", "1.2.826.0.1.3680043.2.1125.1.3")  # frame of reference
         plane.SetMetaData("0020|0037", orientation)
         position = image.TransformIndexToPhysicalPoint((0, 0, k))
         plane.SetMetaData("0020|0032", "\\".join(str(v) for v in position))
@@ -543,3 +551,130 @@ def test_a_dicom_series_gives_a_nifti_on_the_series_grid_as_itk_reads_both(
                 threshold_predictor, tmp_path / "series", tmp_path / "series", options
             )
         )
+
+
+def _interrupting(monkeypatch, times):
+    """predict_file, patched to receive `times` Ctrl-C while it segments the first case."""
+    real = predict_lib.predict_file
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        if not calls:
+            for _ in range(times):
+                signal.raise_signal(signal.SIGINT)
+        calls.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(predict_lib, "predict_file", interrupted)
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_case_in_progress_and_says_how_to_continue(
+    trained_run, tiny_phantom, tmp_path, monkeypatch
+):
+    images, _ = _nnunet_folder(tiny_phantom, tmp_path, cases=3)
+    output = tmp_path / "segs"
+    command = ["predict", f"--workdir={trained_run}", f"--input={images}", f"--output={output}"]
+    with monkeypatch.context() as patch:
+        _interrupting(patch, times=2)  # the second Ctrl-C drops the case in progress
+        result = run_autocontext(*command)
+    assert result.returncode == 130
+    assert_one_line_error(result, "Stopped on SIGINT, the case in progress dropped: 0 of 3")
+    assert not output.exists() or not any(output.iterdir())
+    with monkeypatch.context() as patch:
+        _interrupting(patch, times=1)
+        result = run_autocontext(*command)
+    assert result.returncode == 130
+    assert_one_line_error(
+        result, "Stopped on SIGINT, after the case in progress: 1 of 3 cases finished "
+        "(phantom_000); 2 left. Continue with: "
+    )  # fmt: skip
+    [stopped] = [line for line in result.stderr.splitlines() if line.startswith("Stopped")]
+    assert stopped.endswith("--continue")
+    assert sorted(p.name for p in output.iterdir()) == ["phantom_000.nii.gz"]
+    result = run_autocontext(*command, "--continue")
+    assert result.returncode == 0, result.stderr
+    assert "--continue: 1 of 3 cases" in result.stdout
+    assert sorted(p.name for p in output.iterdir()) == [f"phantom_00{k}.nii.gz" for k in range(3)]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(sitk is None, reason="needs SimpleITK (pip install -e .[io])")
+def test_a_dicom_series_summary_is_named_after_its_output(trained_run, tmp_path):
+    series = _dicom_series(tmp_path / "series")
+    reference = sitk.Image(series.GetSize(), sitk.sitkUInt8)
+    reference.CopyInformation(series)
+    sitk.WriteImage(reference, str(tmp_path / "reference.nii.gz"))
+    output = tmp_path / "out"
+    result = run_autocontext(
+        "predict", f"--workdir={trained_run}", f"--input={tmp_path / 'series'}",
+        f"--output={output}", f"--labels={tmp_path / 'reference.nii.gz'}", "--tile_size=16",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert sorted(p.name for p in output.iterdir()) == ["series.nii.gz", "series_summary.json"]
+
+
+@pytest.mark.slow
+def test_captured_standard_error_has_plain_warnings_and_no_bar_redraws(
+    trained_run, tiny_phantom, tmp_path
+):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path, cases=2)
+    # A label map given as a scan: segmented all the same, with a warning naming it.
+    label_file = sorted(labels.iterdir())[0]
+    (images / "label_0000.nii.gz").write_bytes(label_file.read_bytes())
+    command = [
+        sys.executable, "-m", "autocontext_jax", "predict", "--workdir", str(trained_run),
+        "--input", str(images), "--output", str(tmp_path / "segs"), "--tile_size", "16",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "\x1b[" not in result.stderr, repr(result.stderr)
+    [warning] = result.stderr.splitlines()
+    assert warning.startswith("Warning: ") and "label_0000.nii.gz" in warning, warning
+    assert "a label map" in warning
+
+
+@pytest.mark.slow
+def test_predict_labels_warns_of_cases_without_a_reference_and_strict_refuses(
+    trained_run, tiny_phantom, tmp_path
+):
+    images, labels = _nnunet_folder(tiny_phantom, tmp_path, cases=2)
+    (labels / "phantom_001.nii.gz").unlink()
+    output = tmp_path / "segs"
+    command = [
+        "predict", f"--workdir={trained_run}", f"--input={images}", f"--output={output}",
+        f"--labels={labels}", "--tile_size=16",
+    ]  # fmt: skip
+    result = run_autocontext(*command, "--strict")
+    assert_one_line_error(
+        result, "1 predicted cases have no reference, not scored: ['phantom_001']"
+    )
+    assert not output.exists()
+    result = run_autocontext(*command, "--classes=liver,spleen")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        "Warning: 1 predicted cases have no reference, not scored: ['phantom_001']"
+    ]
+    summary = json.loads((output / "summary.json").read_text())
+    assert list(summary["cases"]) == ["phantom_000"]
+    assert summary["not_labelled"] == [
+        "artery", "portal_vein", "stomach", "gallbladder", "pancreas"
+    ]  # fmt: skip
+    assert sorted(p.name for p in output.glob("*.nii.gz")) == [
+        "phantom_000.nii.gz",
+        "phantom_001.nii.gz",
+    ]
+
+
+def test_ctrl_c_while_the_run_loads_is_one_line_and_130(tmp_path, monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(predict_cli, "load_model", interrupted)
+    scan = tmp_path / "scan.nii.gz"
+    _write_scan(scan, "RAS")
+    result = run_autocontext(
+        "predict", f"--workdir={tmp_path}", f"--input={scan}", f"--output={tmp_path / 's.nii.gz'}"
+    )
+    assert result.returncode == 130
+    assert_one_line_error(result, "Stopped on SIGINT before any case was predicted")

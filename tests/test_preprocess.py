@@ -289,6 +289,7 @@ def test_the_totalsegmentator_example_preprocesses_and_trains_from_the_command_l
     assert all(np.isfinite(json.loads(line)["loss"]) for line in lines)
 
 
+@pytest.mark.slow
 def test_evaluation_predicts_on_the_plan_grid_and_scores_on_the_scan_grid(tmp_path):
     root = _msd(tmp_path / "data", ["a"])
     config = _config(root, tmp_path)

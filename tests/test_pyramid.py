@@ -23,6 +23,7 @@ def test_downsample_factors_follow_the_paper():
     assert downsample_factor(1, 1) == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("levels", [1, 2, 3])
 def test_logits_of_every_level_have_the_crop_shape(levels):
     model = _pyramid(levels, classes=4)
@@ -38,6 +39,7 @@ def test_logits_of_every_level_have_the_crop_shape(levels):
         assert model.level_in_channels(s) == 5
 
 
+@pytest.mark.slow
 def test_whole_volumes_nest_without_cropping():
     model = _pyramid(2)
     images = [jnp.ones((1, 4, 6, 8, 1)), jnp.ones((1, 8, 12, 16, 1))]
@@ -46,6 +48,7 @@ def test_whole_volumes_nest_without_cropping():
     assert [x.shape[1:4] for x in logits] == [(4, 6, 8), (8, 12, 16)]
 
 
+@pytest.mark.slow
 def test_no_context_mode_has_image_channels_only():
     model = _pyramid(2, mode="none")
     images = [jnp.ones((1, 8, 8, 8, 1))] * 2
@@ -118,6 +121,7 @@ def _level_1_gradient(mode):
     return max(float(jnp.abs(g).max()) for g in jax.tree.leaves(grads["level_1"]))
 
 
+@pytest.mark.slow
 def test_end_to_end_sends_the_finer_loss_into_level_1():
     assert _level_1_gradient("end_to_end") > 1e-8
 

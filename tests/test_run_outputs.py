@@ -34,6 +34,7 @@ def trained_run(tiny_phantom, tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 def test_the_command_reproduces_the_end_of_training_report(trained_run):
     at_end = json.loads((trained_run / "at_end.json").read_text())
     for name in ("eval_cases.json", "eval_summary.md", "eval_summary.csv", "eval_summary.json"):
@@ -55,6 +56,7 @@ def test_evaluating_another_dataset_scores_all_its_cases(trained_run, tiny_phant
     assert len(cases["case_ids"]) == 5 and len(cases["hd95"]["level_2"]) == 5
 
 
+@pytest.mark.slow
 def test_the_command_names_a_workdir_without_a_run(tmp_path):
     result = _evaluate("--workdir", str(tmp_path))
     assert result.returncode != 0

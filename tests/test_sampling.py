@@ -134,6 +134,7 @@ def test_processes_share_the_global_batch(preprocessed, tiny_config):
         np.testing.assert_array_equal(joined, whole[step]["image"])
 
 
+@pytest.mark.slow
 def test_worker_processes_give_the_same_batches(preprocessed, tiny_config):
     tiny_config.train.steps = 3
     sampler = _sampler(preprocessed, tiny_config)

@@ -34,6 +34,7 @@ def _run_step_script(tmp_path, devices: int) -> dict:
     return dict(np.load(out))
 
 
+@pytest.mark.slow
 def test_one_and_eight_devices_agree_on_the_same_global_batch(tmp_path):
     one, eight = _run_step_script(tmp_path, 1), _run_step_script(tmp_path, 8)
     assert int(one.pop("devices")) == 1 and int(eight.pop("devices")) == 8
@@ -55,6 +56,7 @@ def compiled_step():
     return config, model, optimizer, mesh, step
 
 
+@pytest.mark.slow
 def test_the_step_learns_a_fixed_batch(compiled_step):
     config, model, optimizer, mesh, step = compiled_step
     state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))

@@ -104,7 +104,7 @@ def test_slurm_script_starts_one_process_per_node():
 
 
 def _sweep_command(*args):
-    command = [sys.executable, str(LAUNCH / "sweep.py"), *args]
+    command = [sys.executable, "-m", "autocontext_jax", "sweep", *args]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True)
 
 

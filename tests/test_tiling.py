@@ -48,6 +48,7 @@ def test_tile_starts_cover_the_grid_with_even_starts():
         assert np.all(steps > 0) and np.all(steps <= tile * (1 - overlap) + 2)
 
 
+@pytest.mark.slow
 def test_one_tile_per_level_equals_a_full_pass_of_the_level_padded_to_the_tile(pyramid):
     model, variables = pyramid
     tile = 32
@@ -79,6 +80,7 @@ def _constant_output(variables, logits):
     return {"params": params, "batch_stats": variables["batch_stats"]}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("weighting,mirror", [("gaussian", False), ("constant", True)])
 def test_blending_is_normalised_exactly_up_to_the_borders(pyramid, weighting, mirror):
     model, variables = pyramid
@@ -94,6 +96,7 @@ def test_blending_is_normalised_exactly_up_to_the_borders(pyramid, weighting, mi
         np.testing.assert_allclose(level, np.broadcast_to(expected, level.shape), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_mirroring_keeps_a_flip_equivariant_input_symmetric(pyramid):
     model, variables = pyramid
     rng = np.random.default_rng(2)

@@ -53,7 +53,7 @@ ENTRY_POINTS = [["autocontext_jax.main"], ["autocontext_jax", "preprocess"]]
     ("args", "expected"),
     [
         (["--config", "configs/default.py", "--config.train.stepz=3"], 'Did you mean "steps"'),
-        (["--config", "configs/nope.py"], "No such file or directory: 'configs/nope.py'"),
+        (["--config", "configs/nope.py"], "Bad --config: configs/nope.py: no such file"),
     ],
 )
 def test_flag_errors_are_one_line_without_a_traceback(entry, args, expected):

@@ -34,6 +34,7 @@ def test_parameter_count_follows_the_cicek_layout():
     assert count_parameters(params) == expected
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("poolings", [1, 2, 3])
 def test_output_is_float32_logits_of_the_input_size(poolings):
     model = UNet3D(num_classes=5, width=2, num_poolings=poolings)

@@ -39,7 +39,7 @@ def test_the_lock_of_a_live_run_refuses_and_a_dead_runs_is_taken_over(tmp_path):
             sys.executable,
             "-c",
             "import sys, time\n"
-            "from autocontext_jax.training import workdir_lock\n"
+            "from autocontext_jax.runtime import workdir_lock\n"
             "lock = workdir_lock.hold(sys.argv[1])\n"
             "lock.__enter__()\n"
             "print('held', flush=True)\n"

@@ -2,6 +2,7 @@
 
     autocontext check
     autocontext check --scan ct.nii.gz     # also segment your own scan, check its geometry
+    autocontext check --model model.zip    # check an exported model instead of training one
 
 Writes four small phantom cases, trains a tiny pyramid on three for a few steps, loads
 the run back as predict does, segments the held-out case and a copy of it stored in
@@ -9,7 +10,9 @@ another voxel orientation, and checks that each output has its input's grid and 
 and that both copies get the same labels in the scanner's space. One PASS or FAIL line
 per step; exit status 1 on the first failure. Nothing is downloaded; everything is
 written to a temporary folder (--workdir to keep it). The labels of so short a training
-are not meant to be good: this checks the machinery, not the model.
+are not meant to be good: this checks the machinery, not the model. With --model (a file
+of `autocontext export`), that model is checked in place of the tiny training: its file
+read and verified, then the same predictions and geometry checks.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from autocontext_jax.cli.common import (
 )
 from autocontext_jax.config.files import SHIPPED_CONFIGS, load_config_file
 from autocontext_jax.data.dataset import read_split
-from autocontext_jax.inference import default_options, load_run, predict_file
+from autocontext_jax.inference import Model, default_options, load_model, load_run, predict_file
 from autocontext_jax.inference.predict import side_output
 from autocontext_jax.phantom import write_phantom_dataset
 from autocontext_jax.training.loop import train
@@ -59,6 +62,9 @@ def define_flags() -> None:
     """Define the command line's flags."""
     flags.DEFINE_string("scan", None, "Also segment this NIfTI scan and check its geometry.")
     flags.DEFINE_string("workdir", None, "Keep everything here (default: a temporary folder).")
+    flags.DEFINE_string(
+        "model", None, "Check this model file of `autocontext export` instead of training one."
+    )
 
 
 def check_config(data_dir: pathlib.Path, cache_dir: pathlib.Path) -> ml_collections.ConfigDict:
@@ -112,8 +118,12 @@ def canonical_probabilities(output: pathlib.Path) -> np.ndarray:
     return nib.orientations.apply_orientation(saved["probabilities"].astype(np.float32), ornt)
 
 
-def run_steps(workdir: pathlib.Path, scan: pathlib.Path | None) -> None:
-    """Every step of the check, printed as it passes; raises CheckError on the first failure."""
+def run_steps(workdir: pathlib.Path, scan: pathlib.Path | None, model: Model | None = None) -> None:
+    """Every step of the check, printed as it passes; raises CheckError on the first failure.
+
+    With `model` (an exported model, read and verified before the steps), it is checked
+    in place of a tiny training.
+    """
     start = time.perf_counter()
 
     def step(name: str, action: Callable[[], str]) -> None:
@@ -139,17 +149,24 @@ def run_steps(workdir: pathlib.Path, scan: pathlib.Path | None) -> None:
             raise CheckError(f"stopped at step {final} of {STEPS}")
         return f"{STEPS} steps of a tiny pyramid, checkpoint in {run_dir / 'checkpoints'}"
 
-    step("train", training)
     runs = []
+    if model is None:
+        step("train", training)
 
-    def load() -> str:
-        runs.append(load_run(run_dir))
-        return f"step {runs[0].step} of {run_dir}, as predict loads it"
+        def load() -> str:
+            runs.append(load_run(run_dir))
+            return f"step {runs[0].step} of {run_dir}, as predict loads it"
 
-    step("load", load)
+        step("load", load)
+        held_out_case = read_split(run_dir)["val"][0]
+    else:
+        runs.append(model)
+        print(f"PASS  load: {model.description()}, its digests verified", flush=True)
+        held_out_case = sorted(p.name for p in (data / "labelsTr").iterdir())[0]
+        held_out_case = held_out_case.removesuffix(".nii.gz")
     trained = runs[0]
     options = default_options(trained.config)
-    held_out = data / "imagesTr" / f"{read_split(run_dir)['val'][0]}_0000.nii.gz"
+    held_out = data / "imagesTr" / f"{held_out_case}_0000.nii.gz"
 
     def predict_held_out() -> str:
         predict_file(trained, held_out, out / "held_out.nii.gz", options, save_probabilities=True)
@@ -210,11 +227,13 @@ def main(argv: list[str]) -> None:
     scan = None if FLAGS.scan is None else pathlib.Path(FLAGS.scan)
     if scan is not None and not scan.is_file():
         fail("--scan", FileNotFoundError(f"{scan}: no such file"))
+    # Read before the steps: a damaged or foreign file is one line, not a failed step.
+    model = None if FLAGS.model is None else load_model(model_files=[FLAGS.model])
     if FLAGS.workdir is not None:
-        run_steps(pathlib.Path(FLAGS.workdir), scan)
+        run_steps(pathlib.Path(FLAGS.workdir), scan, model)
     else:
         with tempfile.TemporaryDirectory(prefix="autocontext_check_") as folder:
-            run_steps(pathlib.Path(folder), scan)
+            run_steps(pathlib.Path(folder), scan, model)
 
 
 def run(argv: Sequence[str] | None = None) -> None:

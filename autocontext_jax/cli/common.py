@@ -15,13 +15,14 @@ from absl import app, flags, logging
 
 from autocontext_jax import __version__
 from autocontext_jax.config import schema
-from autocontext_jax.config.files import shipped_configs
+from autocontext_jax.config.files import config_file_problem, shipped_configs
 from autocontext_jax.config.schema import ConfigError
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation.ablation import AblationError
 from autocontext_jax.evaluation.compare import ComparisonError
 from autocontext_jax.evaluation.crossval import CrossValidationError
 from autocontext_jax.evaluation.diagnose import DiagnoseError
+from autocontext_jax.inference import MemberMismatchError, ModelFileError
 from autocontext_jax.runtime.checkpointing import CheckpointError, SaveError
 from autocontext_jax.runtime.workdir_lock import WorkdirBusyError
 from autocontext_jax.training.loop import DivergedError
@@ -50,6 +51,9 @@ USER_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (app.UsageError, "Usage"),
     (ConfigError, "Bad configuration"),
     (DatasetError, "Bad input"),
+    # Both are CheckpointErrors, so they come first.
+    (ModelFileError, "Bad model file"),
+    (MemberMismatchError, "Cannot ensemble"),
     (CheckpointError, "Bad workdir"),
     (DivergedError, "Training stopped"),
     (SaveError, "Checkpoint not saved"),
@@ -121,6 +125,14 @@ class _NotOrbax(std_logging.Filter):
         return not any(orbax in frame.filename for frame in frames)
 
 
+class _UserFormatter(std_logging.Formatter):
+    """A record as a user reads it: `Warning: message` (`Error: ...`), no absl prefix."""
+
+    def format(self, record: std_logging.LogRecord) -> str:
+        text = super().format(record)
+        return f"{record.levelname.capitalize()}: {text}"
+
+
 def quiet_logging() -> None:
     """Library chatter (Orbax logs every save at INFO) only when asked for with --verbose."""
     if flags.FLAGS["verbosity"].present:
@@ -129,6 +141,10 @@ def quiet_logging() -> None:
     handler = logging.get_absl_handler()
     if not verbose() and not any(isinstance(f, _NotOrbax) for f in handler.filters):
         handler.addFilter(_NotOrbax())
+    if not verbose():
+        # absl's prefix (`W1206 10:00:00.123 4242 predict.py:85]`) is for developers; a user
+        # reads "Warning: ...". --verbose keeps it, with the library logs it comes with.
+        handler.setFormatter(_UserFormatter())
 
 
 def quiet_start_up() -> None:
@@ -150,6 +166,9 @@ def parse_flags(argv: list[str]) -> list[str]:
     Passed to `app.run(main, flags_parser=parse_flags)`. A misspelt `--config.a.b` field
     and a config file that does not load would otherwise end in chained tracebacks.
     """
+    problem = _config_file_problem(argv)
+    if problem is not None:
+        sys.exit(f"Bad --config: {problem}")
     try:
         remaining = flags.FLAGS(argv)
     except SystemExit as stop:
@@ -174,6 +193,27 @@ def parse_flags(argv: list[str]) -> list[str]:
             cause = str(error.__cause__ or error).strip().splitlines()[-1].strip()
             sys.exit(f"Bad --config: {cause}")
     return remaining
+
+
+def _config_file_problem(argv: list[str]) -> str | None:
+    """Why the config file named by --config does not load, checked before absl parses it.
+
+    ml_collections loads the file while parsing the flags and, with `--config.x=`
+    overrides, again on their first use; a file that does not load ends either in chained
+    tracebacks. Loaded here first, it is one line naming the file and the line.
+    """
+    flag = flags.FLAGS["config"] if "config" in flags.FLAGS else None
+    # The ablation's --config is a plain path flag; a config file flag comes from ml_collections.
+    if flag is None or not type(flag).__module__.startswith("ml_collections"):
+        return None
+    options = argv[1 : argv.index("--")] if "--" in argv else argv[1:]
+    value = None
+    for index, option in enumerate(options):
+        if option.startswith("--config="):
+            value = option.split("=", 1)[1]
+        elif option == "--config" and index + 1 < len(options):
+            value = options[index + 1]
+    return None if value is None else config_file_problem(value)
 
 
 def _one_line(error: BaseException) -> str:

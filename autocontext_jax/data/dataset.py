@@ -108,7 +108,7 @@ def list_pairs(
 
 def list_dataset(data_config: ml_collections.ConfigDict) -> list[CaseFiles]:
     """The cases of `data.pairs` when given, else of the dataset.json in `data.dir`."""
-    if data_config.get("pairs"):
+    if data_config.pairs:
         return list_pairs(data_config.pairs, data_config.dir)
     return list_cases(data_config.dir)
 

@@ -55,13 +55,35 @@ def read_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
     return checked_3d(image, path)
 
 
+def check_affine(affine: np.ndarray, path: str | os.PathLike) -> None:
+    """Raise a DatasetError naming `path` when its voxel-to-world affine is unusable.
+
+    A NaN or infinite entry, or a singular 3x3 part (a zero voxel size, two axes along
+    one direction), leaves no orientation to reorient by and no voxel volume: nibabel
+    would fail deep inside (an SVD that does not converge, "cannot drop coordinates").
+    """
+    affine = np.asarray(affine, dtype=np.float64)
+    if not np.all(np.isfinite(affine)):
+        raise DatasetError(
+            f"{path}: its affine (the header's voxel-to-world sform/qform) holds NaN or "
+            "infinite values"
+        )
+    if np.linalg.matrix_rank(affine[:3, :3]) < 3:
+        spacing = np.linalg.norm(affine[:3, :3], axis=0)
+        raise DatasetError(
+            f"{path}: its affine (the header's voxel-to-world sform/qform) is singular "
+            f"(voxel sizes {np.round(spacing, 4).tolist()} mm, or two axes along one direction)"
+        )
+
+
 def checked_3d(image: nib.Nifti1Image, path: str | os.PathLike) -> nib.Nifti1Image:
-    """`image` as a 3D volume, or a DatasetError naming `path` when it has more axes."""
+    """`image` as a 3D volume with a usable affine, or a DatasetError naming `path`."""
     shape = image.shape
     if len(shape) == 4 and shape[3] == 1:
         image = image.slicer[..., 0]
     if len(image.shape) != 3:
         raise DatasetError(f"{path}: expected a 3D volume, got shape {shape}")
+    check_affine(image.affine, path)
     return image
 
 

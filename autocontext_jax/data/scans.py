@@ -20,6 +20,7 @@ from autocontext_jax.data.geometry import Scan
 from autocontext_jax.data.nifti import (
     CHANNEL_SUFFIX,
     case_name,
+    check_affine,
     is_nifti_name,
     read_scan,
     scan_from_image,
@@ -96,6 +97,7 @@ def nifti_of_itk(image, path: str | os.PathLike) -> nib.Nifti1Image:
     lps[:3, :3] = direction * np.asarray(image.GetSpacing(), np.float64)
     lps[:3, 3] = image.GetOrigin()
     affine = LPS_TO_RAS @ lps
+    check_affine(affine, path)
     nifti = nib.Nifti1Image(voxels, affine)
     nifti.header.set_qform(affine, code=1)
     nifti.header.set_sform(affine, code=1)

@@ -38,6 +38,7 @@ from autocontext_jax.inference.pyramid import pad_to_multiple, pyramid_volumes
 from autocontext_jax.inference.tiling import level_variables, predict_level
 from autocontext_jax.models import context
 from autocontext_jax.runtime import parallel
+from autocontext_jax.runtime.progress import interactive
 from autocontext_jax.training.state import restore_evaluation_variables
 
 CONTEXTS = ("real", "ground_truth", "uniform", "training_mode")
@@ -213,7 +214,9 @@ def diagnose_run(
     if has_context:
         result["contexts"] = {name: [] for name in CONTEXTS}
     for split, files in (("held_out", held_out), ("train", train)):
-        for case_files in tqdm.tqdm(files, desc=f"diagnose {split}", leave=False):
+        for case_files in tqdm.tqdm(
+            files, desc=f"diagnose {split}", leave=False, disable=not interactive()
+        ):
             case = load_case(run, case_files)
             scores = diagnose_case(run, diagnosis, case, contexts=split == "held_out")
             for level, values in scores["levels"].items():

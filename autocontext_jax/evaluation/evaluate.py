@@ -19,9 +19,10 @@ from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation import metrics, visualize
 from autocontext_jax.evaluation.reports import mean_scores, write_report
-from autocontext_jax.inference import Run, TilingOptions, load_run, segment
+from autocontext_jax.inference import Model, Run, TilingOptions, load_model, load_run, segment
 from autocontext_jax.inference.run import level_names
 from autocontext_jax.runtime import logs
+from autocontext_jax.runtime.progress import interactive
 
 
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: int) -> np.ndarray:
@@ -31,13 +32,13 @@ def dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: i
     )
 
 
-def load_case(run: Run, files: dataset_lib.CaseFiles) -> dataset_lib.Case:
+def load_case(run: Run | Model, files: dataset_lib.CaseFiles) -> dataset_lib.Case:
     """A labelled case read as the run read its training cases (its label map)."""
     return dataset_lib.load_run_case(files, run.config.data, run.num_classes)
 
 
 def evaluate_cases(
-    run: Run,
+    run: Run | Model,
     files: Sequence[dataset_lib.CaseFiles],
     options: TilingOptions | None = None,
     tolerance_mm: float | None = None,
@@ -49,7 +50,7 @@ def evaluate_cases(
     tolerance = run.config.eval.nsd_tolerance_mm if tolerance_mm is None else tolerance_mm
     levels = level_names(run)
     per_metric = {name: {level: [] for level in levels} for name in metrics.METRIC_NAMES}
-    for case_files in tqdm.tqdm(files, desc="evaluate", leave=False):
+    for case_files in tqdm.tqdm(files, desc="evaluate", leave=False, disable=not interactive()):
         case = load_case(run, case_files)
         predictions = segment(run, case.scan, options).levels
         for level, labels in zip(levels, predictions, strict=True):
@@ -121,3 +122,21 @@ def evaluate_workdir(
     """Evaluate the newest checkpoint of a run and write its reports into the workdir."""
     run = load_run(workdir)
     return evaluate_run(run, held_out_cases(run, data_dir), tolerance_mm)
+
+
+def evaluate_model_file(
+    model_file: str | pathlib.Path,
+    data_dir: str | os.PathLike,
+    output: str | pathlib.Path,
+    tolerance_mm: float | None = None,
+) -> dict[str, Any]:
+    """Evaluate an exported model (`autocontext export`) on every case of `data_dir`.
+
+    The reports a workdir gets (eval_cases.json, eval_summary.{md,csv,json}) go to `output`.
+    """
+    model = load_model(model_files=[model_file])
+    result = evaluate_cases(model, dataset_lib.list_cases(data_dir), tolerance_mm=tolerance_mm)
+    result["step"] = model.first.step
+    pathlib.Path(output).mkdir(parents=True, exist_ok=True)
+    write_report(output, result)
+    return result

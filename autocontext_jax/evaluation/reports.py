@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import pathlib
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -32,15 +34,30 @@ def mean_scores(result: dict[str, Any]) -> dict[str, float]:
 
 
 def summarize(scores: Sequence[Sequence[float]]) -> dict[str, np.ndarray]:
-    """Avg, Std, Min, Max over cases of each class and of the per-case class average."""
+    """Avg, Std, Min, Max over cases of each class and of the per-case class average.
+
+    A class the references do not label is NaN in every case (folders.folder_result): its
+    rows stay NaN (a dash, null in JSON) and the per-case average leaves it out.
+    """
     table = np.asarray(scores, dtype=np.float64)
-    table = np.concatenate([table, table.mean(axis=1, keepdims=True)], axis=1)
-    return {
-        "Avg": table.mean(axis=0),
-        "Std": table.std(axis=0),
-        "Min": table.min(axis=0),
-        "Max": table.max(axis=0),
-    }
+    if not np.isnan(table).any():
+        table = np.concatenate([table, table.mean(axis=1, keepdims=True)], axis=1)
+        return {
+            "Avg": table.mean(axis=0),
+            "Std": table.std(axis=0),
+            "Min": table.min(axis=0),
+            "Max": table.max(axis=0),
+        }
+    with warnings.catch_warnings():
+        # All-NaN columns (not labelled) are meant to stay NaN, without numpy's warning.
+        warnings.simplefilter("ignore", RuntimeWarning)
+        table = np.concatenate([table, np.nanmean(table, axis=1, keepdims=True)], axis=1)
+        return {
+            "Avg": np.nanmean(table, axis=0),
+            "Std": np.nanstd(table, axis=0),
+            "Min": np.nanmin(table, axis=0),
+            "Max": np.nanmax(table, axis=0),
+        }
 
 
 def summary(result: dict[str, Any]) -> dict[str, Any]:
@@ -66,7 +83,20 @@ def _metric_heading(name: str, result: dict[str, Any]) -> str:
 
 
 def _format(name: str, value: float) -> str:
+    if math.isnan(value):
+        return "-"  # not labelled in the references
     return f"{value:.2f}" if name == "hd95" else f"{100 * value:.1f}"
+
+
+def not_labelled_line(result: dict[str, Any]) -> str:
+    """The sentence naming the structures the references do not label; "" when none."""
+    missing = result.get("not_labelled") or []
+    if not missing:
+        return ""
+    return (
+        f"Not labelled in the references (shown as -, left out of every average): "
+        f"{', '.join(missing)}"
+    )
 
 
 def metric_table(result: dict[str, Any], name: str = "dice") -> str:
@@ -81,6 +111,8 @@ def metric_table(result: dict[str, Any], name: str = "dice") -> str:
         for row in SUMMARY_ROWS:
             cells = [_format(name, v) for v in rows[row]]
             lines.append("| " + " | ".join([row, *cells]) + " |")
+    if not_labelled_line(result):
+        lines.append(f"\n{not_labelled_line(result)}")
     return "\n".join(lines) + "\n"
 
 
@@ -107,7 +139,8 @@ def summary_csv(result: dict[str, Any]) -> str:
     for name, levels in summary(result).items():
         for level, rows in levels.items():
             for row in SUMMARY_ROWS:
-                writer.writerow([name, level, row, *(f"{v:.6g}" for v in rows[row].values())])
+                values = ("" if math.isnan(v) else f"{v:.6g}" for v in rows[row].values())
+                writer.writerow([name, level, row, *values])
     return stream.getvalue()
 
 

@@ -1,5 +1,7 @@
 """From a scan to labels: a trained run, the tiled pyramid, results back on the scan's grid."""
 
+from autocontext_jax.inference.export import ModelFileError, export_model, read_model_file
+from autocontext_jax.inference.model import MemberMismatchError, Model, as_model, load_model
 from autocontext_jax.inference.predict import (
     PredictedFile,
     PredictionJob,
@@ -23,20 +25,27 @@ from autocontext_jax.inference.upsample import upsample_to_native
 __all__ = [
     "WEIGHTINGS",
     "CheckpointError",
+    "MemberMismatchError",
+    "Model",
+    "ModelFileError",
     "PredictedFile",
     "PredictionJob",
     "Run",
+    "as_model",
     "Segmentation",
     "TilingOptions",
     "check_options",
     "checkpoint_time",
     "count_tiles",
     "default_options",
+    "export_model",
+    "load_model",
     "load_run",
     "predict_file",
     "predict_jobs",
     "predict_paths",
     "predict_pyramid",
+    "read_model_file",
     "run_from_state",
     "segment",
     "upsample_to_native",

@@ -1,6 +1,6 @@
 """Files in, files out: scans segmented with a run and written in their own geometry.
 
-    for result in predict_paths(load_run("runs/default"), "imagesTs/", "segs/"):
+    for result in predict_paths(load_model(["runs/default"]), "imagesTs/", "segs/"):
         print(result.output, result.seconds)
 
 A scan is read once into voxels and a `Geometry`; the same geometry writes its label
@@ -21,6 +21,8 @@ from collections.abc import Iterator, Sequence
 
 import tqdm
 
+from autocontext_jax import __version__
+from autocontext_jax.data.dicom_seg import write_dicom_seg
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.hounsfield import hounsfield_warning
 from autocontext_jax.data.nifti import (
@@ -31,9 +33,14 @@ from autocontext_jax.data.nifti import (
     write_probabilities,
 )
 from autocontext_jax.data.scans import is_dicom_folder, is_scan_name, read_any_scan, scan_case_id
-from autocontext_jax.inference.run import Run, checkpoint_time
+from autocontext_jax.inference.model import Model, as_model
+from autocontext_jax.inference.run import Run
 from autocontext_jax.inference.segment import Segmentation, segment, tiles_of
+from autocontext_jax.inference.statistics import structure_statistics
 from autocontext_jax.inference.tiling import TilingOptions
+from autocontext_jax.runtime.checkpointing import CHECKPOINTS_DIR, CONFIG_FILE, DAMAGED_DIR
+from autocontext_jax.runtime.logs import TENSORBOARD_DIR
+from autocontext_jax.runtime.progress import interactive
 
 # A scan that does not look like CT is segmented all the same, with a warning on this logger.
 logger = logging.getLogger(__name__)
@@ -48,11 +55,18 @@ class PredictedFile:
     output: pathlib.Path
     segmentation: Segmentation
     seconds: float
+    # Per structure: volume (ml), voxels, mean and std HU inside it; when asked for.
+    statistics: dict[str, dict] | None = None
 
 
 def side_output(output: pathlib.Path, tag: str, suffix: str = ".nii.gz") -> pathlib.Path:
     """OUTPUT_NAME_TAG.SUFFIX beside the main output."""
     return output.with_name(f"{case_name(output)}_{tag}{suffix}")
+
+
+def dicom_seg_output(output: pathlib.Path) -> pathlib.Path:
+    """OUTPUT_NAME.dcm beside the main output: its DICOM Segmentation."""
+    return output.with_name(f"{case_name(output)}.dcm")
 
 
 def check_writable(path: pathlib.Path) -> None:
@@ -67,15 +81,22 @@ def check_writable(path: pathlib.Path) -> None:
 
 
 def predict_file(
-    run: Run,
+    run: Model | Run,
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     options: TilingOptions,
     save_probabilities: bool = False,
     save_levels: bool = False,
     show_progress: bool = False,
+    statistics: bool = False,
+    dicom_seg: bool = False,
 ) -> PredictedFile:
-    """Segment one scan and write OUTPUT (and the optional extras) in the scan's geometry."""
+    """Segment one scan and write OUTPUT (and the optional extras) in the scan's geometry.
+
+    With `statistics`, the result also holds each structure's volume and HU inside it,
+    measured on the scan's own grid. With `dicom_seg` (a DICOM series input), the labels
+    also go to OUTPUT_NAME.dcm, a DICOM Segmentation referencing the series.
+    """
     input_path, output_path = pathlib.Path(input_path), pathlib.Path(output_path)
     check_writable(output_path)
     start = time.perf_counter()
@@ -88,7 +109,7 @@ def predict_file(
         desc="tiles",
         unit="tile",
         leave=False,
-        disable=not show_progress,
+        disable=not show_progress or not interactive(),
     ) as bar:
         result = segment(
             run,
@@ -98,8 +119,20 @@ def predict_file(
             probabilities=save_probabilities,
             progress=bar.update,
         )
+    measured = None
+    if statistics:
+        measured = structure_statistics(result.finest, scan.image, scan.geometry, run.class_names)
     del scan
     write_label_map(result.finest, result.geometry, output_path)
+    if dicom_seg:
+        write_dicom_seg(
+            result.finest,
+            result.geometry,
+            input_path,
+            dicom_seg_output(output_path),
+            run.class_names,
+            __version__,
+        )
     if save_levels:
         for level, labels in enumerate(result.levels[:-1], start=1):
             write_label_map(labels, result.geometry, side_output(output_path, f"level{level}"))
@@ -111,7 +144,12 @@ def predict_file(
             run.class_names,
         )
     return PredictedFile(
-        scan_case_id(input_path), input_path, output_path, result, time.perf_counter() - start
+        scan_case_id(input_path),
+        input_path,
+        output_path,
+        result,
+        time.perf_counter() - start,
+        measured,
     )
 
 
@@ -173,6 +211,19 @@ def outputs_of(
     return outputs
 
 
+# The folders of a training workdir that the run itself writes, prunes and replaces.
+RUN_OWNED_FOLDERS = (CHECKPOINTS_DIR, DAMAGED_DIR, TENSORBOARD_DIR)
+
+
+def run_owned_folder(path: pathlib.Path) -> pathlib.Path | None:
+    """The run-owned folder (a workdir's checkpoints/, ...) that `path` lies in, if any."""
+    for folder in pathlib.Path(os.path.abspath(path)).parents:
+        workdir = folder.parent
+        if folder.name in RUN_OWNED_FOLDERS and (workdir / CONFIG_FILE).is_file():
+            return folder
+    return None
+
+
 def check_outputs(
     jobs: Sequence[PredictionJob],
     num_levels: int,
@@ -183,12 +234,19 @@ def check_outputs(
     """Refuse, before any work, an output that cannot be written or would replace an input.
 
     An output replaces an input when both resolve to one file (the same path, or a link);
-    `protected` are further files never to write over, such as the reference labels.
+    `protected` are further files never to write over, such as the reference labels. No
+    output may go inside a folder a training run owns: training prunes its checkpoints/.
     """
     inputs = {path.resolve(): path for path in [*(job.input for job in jobs), *protected]}
     for job in jobs:
         check_writable(job.output)
         for output in outputs_of(job, num_levels, save_probabilities, save_levels):
+            owned = run_owned_folder(output.resolve())
+            if owned is not None:
+                raise DatasetError(
+                    f"{output}: inside {owned}, which the training run in {owned.parent} "
+                    "owns and prunes; choose another --output"
+                )
             if output.resolve() in inputs:
                 raise DatasetError(
                     f"{output}: would write over the input {inputs[output.resolve()]}; "
@@ -197,12 +255,13 @@ def check_outputs(
 
 
 def reference_files(
-    jobs: Sequence[PredictionJob], labels: pathlib.Path
+    jobs: Sequence[PredictionJob], labels: pathlib.Path, required: bool = True
 ) -> dict[pathlib.Path, pathlib.Path]:
     """The reference label file of every job's input, checked to exist.
 
     In a folder, case `case` (from `case_0000.nii.gz`) has `case.nii.gz` (or `.nii`), or
-    failing that a file of the input's own name.
+    failing that a file of the input's own name. Unless `required`, a case without one
+    is left out (the caller names it).
     """
     if not labels.exists():
         raise DatasetError(f"{labels}: no such label file or folder")
@@ -215,6 +274,8 @@ def reference_files(
             continue
         names = [f"{job.case}{suffix}" for suffix in NIFTI_SUFFIXES] + [job.input.name]
         candidates = [labels / name for name in names if (labels / name).is_file()]
+        if not candidates and not required:
+            continue
         if not candidates:
             raise DatasetError(f"{labels / names[0]}: no label file for case {job.case}")
         found[job.input] = candidates[0]
@@ -227,14 +288,16 @@ def predicted_after(job: PredictionJob, timestamp: float) -> bool:
 
 
 def predict_jobs(
-    run: Run,
+    run: Model | Run,
     jobs: Sequence[PredictionJob],
     options: TilingOptions,
     save_probabilities: bool = False,
     save_levels: bool = False,
+    statistics: bool = False,
+    dicom_seg: bool = False,
 ) -> Iterator[PredictedFile]:
     """Segment the jobs' scans one after another, yielding each as it finishes."""
-    for job in tqdm.tqdm(jobs, desc="cases", disable=len(jobs) < 2):
+    for job in tqdm.tqdm(jobs, desc="cases", disable=len(jobs) < 2 or not interactive()):
         yield predict_file(
             run,
             job.input,
@@ -243,11 +306,13 @@ def predict_jobs(
             save_probabilities=save_probabilities,
             save_levels=save_levels,
             show_progress=True,
+            statistics=statistics,
+            dicom_seg=dicom_seg,
         )
 
 
 def predict_paths(
-    run: Run,
+    run: Model | Run,
     input_path: str | os.PathLike,
     output_path: str | os.PathLike,
     options: TilingOptions,
@@ -261,7 +326,8 @@ def predict_paths(
     whose output is newer than the run's checkpoint is left as it is (and not yielded).
     """
     jobs = list_inputs(pathlib.Path(input_path), pathlib.Path(output_path))
-    check_outputs(jobs, run.model.num_levels, save_probabilities, save_levels)
+    model = as_model(run)
+    check_outputs(jobs, model.num_levels, save_probabilities, save_levels)
     if skip_done:
-        jobs = [job for job in jobs if not predicted_after(job, checkpoint_time(run))]
+        jobs = [job for job in jobs if not predicted_after(job, model.checkpoint_time())]
     yield from predict_jobs(run, jobs, options, save_probabilities, save_levels)

@@ -49,6 +49,7 @@ __all__ = [
 class Run:
     """A trained pyramid ready to segment: its config, module, variables, plan and step."""
 
+    # The run's folder, or the model file it was read from.
     workdir: pathlib.Path
     config: ml_collections.ConfigDict
     model: AutoContextPyramid
@@ -78,6 +79,16 @@ class Run:
     def unmapped_labels(self) -> str:
         """What the run did with dataset ids its label map leaves out."""
         return self.config.data.unmapped_labels
+
+    @property
+    def num_levels(self) -> int:
+        """Levels of the run's pyramid."""
+        return self.model.num_levels
+
+    @property
+    def num_poolings(self) -> int:
+        """Poolings of the run's U-Nets (tiles must be a multiple of 2^num_poolings)."""
+        return self.model.num_poolings
 
 
 def _read_run(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, AutoContextPyramid, Plan]:
@@ -133,10 +144,15 @@ def default_options(config: ml_collections.ConfigDict, **overrides: Any) -> Tili
 
 def level_names(run: Run) -> Sequence[str]:
     """`level_1` (coarsest) ... `level_S` (finest): the names reports use for the levels."""
-    return [f"level_{s}" for s in range(1, run.model.num_levels + 1)]
+    return [f"level_{s}" for s in range(1, run.num_levels + 1)]
 
 
 def checkpoint_time(run: Run) -> float:
-    """When the run's checkpoint was written (seconds since the epoch); 0 when it has none."""
+    """When the run's checkpoint was written (seconds since the epoch); 0 when it has none.
+
+    A run read from a model file (`autocontext export`) was written when that file was.
+    """
+    if run.workdir.is_file():
+        return run.workdir.stat().st_mtime
     folder = run.workdir / CHECKPOINTS_DIR / str(run.step)
     return folder.stat().st_mtime if folder.is_dir() else 0.0

@@ -2,6 +2,9 @@
 
 `predict`, `evaluate`, `plot` and the end-of-run evaluation all segment through
 `segment`, so what a report scores, a figure draws and a file holds are the same labels.
+An ensemble (a `Model` of several runs) takes the same road: each member runs its own
+pyramid coarse to fine, and the members' softmax of each level is averaged before the
+argmax.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import numpy as np
 from autocontext_jax.data.geometry import Geometry, Scan
 from autocontext_jax.data.preprocess import planned_grid, preprocess_scan
 from autocontext_jax.data.sampling import downsample_factor
+from autocontext_jax.inference.model import Model, as_model
 from autocontext_jax.inference.pyramid import count_tiles, predict_pyramid
 from autocontext_jax.inference.run import Run, default_options
 from autocontext_jax.inference.tiling import TilingOptions, check_options
@@ -37,28 +41,75 @@ class Segmentation:
         return self.levels[-1]
 
 
+def _cropped(levels: list[np.ndarray], shapes: list[tuple[int, ...]]) -> list[np.ndarray]:
+    """Each level's probabilities cut to `shapes` (members padded to different multiples)."""
+    return [
+        probs if probs.shape[:3] == shape else probs[: shape[0], : shape[1], : shape[2]]
+        for probs, shape in zip(levels, shapes, strict=True)
+    ]
+
+
+def ensemble_pyramid(
+    model: Model,
+    volume: np.ndarray,
+    options: TilingOptions,
+    progress: Callable[[int], None] | None = None,
+) -> list[np.ndarray]:
+    """Each level's softmax averaged over the members, each running its own pyramid.
+
+    A single member's probabilities are returned untouched, so a one-member model is that
+    run, bit for bit. Members padded to different multiples (other poolings) are averaged
+    over the grid they share, which covers the whole scan.
+    """
+    total: list[np.ndarray] | None = None
+    for member in model.members:
+        probs = predict_pyramid(
+            member.model,
+            member.variables,
+            volume,
+            member.plan.pad_value,
+            options,
+            progress=progress,
+        )
+        if total is None:
+            total = probs
+            continue
+        # Summed in float32 one member at a time: one member's levels are held at once.
+        shapes = [
+            tuple(min(a, b) for a, b in zip(t.shape[:3], p.shape[:3], strict=True))
+            for t, p in zip(total, probs, strict=True)
+        ]
+        total = [
+            np.add(t, p, dtype=np.float32)
+            for t, p in zip(_cropped(total, shapes), _cropped(probs, shapes), strict=True)
+        ]
+        del probs
+    if len(model.members) > 1:
+        total = [t / np.float32(len(model.members)) for t in total]
+    return total
+
+
 def segment(
-    run: Run,
+    model: Model | Run,
     scan: Scan,
     options: TilingOptions | None = None,
     all_levels: bool = True,
     probabilities: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> Segmentation:
-    """Segment `scan` with `run`: every level's labels (or the finest's) on the scan's grid.
+    """Segment `scan` with a run or an ensemble: every level's labels (or the finest's).
 
     The scan goes through the run's own plan (resampling, normalisation); each level
     slides `options`' tiles (default: the run's, twice the training crop) coarse to fine;
-    each level's probabilities are interpolated once, straight onto the scan's canonical
-    grid, and the argmax is taken there. `progress(n)` is called as tiles finish.
+    each level's probabilities (averaged over an ensemble's members) are interpolated
+    once, straight onto the scan's canonical grid, and the argmax is taken there.
+    `progress(n)` is called as tiles finish.
     """
-    options = options or default_options(run.config)
-    check_options(options, run.model.num_poolings)
-    volume, geometry = preprocess_scan(scan, run.plan)
-    model = run.model
-    probs = predict_pyramid(
-        model, run.variables, volume, run.plan.pad_value, options, progress=progress
-    )
+    model = as_model(model)
+    options = options or default_options(model.config)
+    check_options(options, model.num_poolings)
+    volume, geometry = preprocess_scan(scan, model.plan)
+    probs = ensemble_pyramid(model, volume, options, progress)
     finest = model.num_levels
 
     def on_scan_grid(level: int, labels_only: bool = True) -> np.ndarray:
@@ -78,12 +129,13 @@ def segment(
         levels=levels,
         probabilities=on_scan_grid(finest, labels_only=False) if probabilities else None,
         geometry=geometry,
-        tiles=count_tiles(model, volume.shape, options),
+        tiles=sum(count_tiles(member.model, volume.shape, options) for member in model.members),
     )
 
 
-def tiles_of(run: Run, scan: Scan, options: TilingOptions | None = None) -> int:
-    """How many tiles `segment` evaluates for `scan` (for a progress bar)."""
-    options = options or default_options(run.config)
-    shape, _ = planned_grid(scan, run.plan)
-    return count_tiles(run.model, shape, options)
+def tiles_of(model: Model | Run, scan: Scan, options: TilingOptions | None = None) -> int:
+    """How many tiles `segment` evaluates for `scan` (for a progress bar), over every member."""
+    model = as_model(model)
+    options = options or default_options(model.config)
+    shape, _ = planned_grid(scan, model.plan)
+    return sum(count_tiles(member.model, shape, options) for member in model.members)

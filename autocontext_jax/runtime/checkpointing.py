@@ -376,11 +376,20 @@ def write_config(
                 f"{path}: the run in this workdir has other model shapes; start a new "
                 f"workdir or keep these fields: " + "; ".join(changed)
             )
-        problem = refuse(ml_collections.ConfigDict(saved), config) if refuse else None
+        problem = refuse(_migrated(path, saved), config) if refuse else None
         if problem:
             raise CheckpointError(f"{path}: {problem}")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomically(path, config.to_json_best_effort(indent=2, sort_keys=True) + "\n")
+
+
+def _migrated(path: pathlib.Path, saved: dict) -> ml_collections.ConfigDict:
+    """The run config `saved` (read from `path`) with the fields it predates filled in."""
+    try:
+        config, _ = schema.migrate(ml_collections.ConfigDict(saved))
+    except schema.ConfigError as error:
+        raise CheckpointError(f"{path}: {error}") from error
+    return config
 
 
 def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
@@ -392,8 +401,4 @@ def read_run_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
         config = ml_collections.ConfigDict(json.loads(path.read_text()))
     except (json.JSONDecodeError, UnicodeDecodeError) as error:
         raise CheckpointError(f"{path}: not a valid config ({error})") from error
-    try:
-        config, _ = schema.migrate(config)
-    except schema.ConfigError as error:
-        raise CheckpointError(f"{path}: {error}") from error
-    return config
+    return _migrated(path, config)

@@ -12,6 +12,7 @@ will recur.
 from __future__ import annotations
 
 import pathlib
+import sys
 import time
 from collections.abc import Sequence
 
@@ -22,6 +23,15 @@ import tqdm
 from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.models.init import count_parameters
 from autocontext_jax.models.pyramid import AutoContextPyramid
+
+
+def interactive() -> bool:
+    """Whether standard error is a terminal, where a progress bar may redraw itself.
+
+    Captured in a file or a pipe, a bar's redraws leave carriage returns and, for nested
+    bars, cursor-movement codes in the log; the commands print a line per case instead.
+    """
+    return sys.stderr.isatty()
 
 
 def say(message: str) -> None:

@@ -67,8 +67,8 @@ def moved_phases(saved: ml_collections.ConfigDict, config: ml_collections.Config
         f"the levels' phases of the run in this workdir start at steps {list(before)}, this "
         f"config's at {list(after)} (config.train.steps: {saved.train.steps!r} -> "
         f"{config.train.steps!r}, config.pyramid.level_steps: "
-        f"{tuple(saved.pyramid.get('level_steps', ()))!r} -> "
-        f"{tuple(config.pyramid.get('level_steps', ()))!r}); start a new workdir, or set "
+        f"{tuple(saved.pyramid.level_steps)!r} -> "
+        f"{tuple(config.pyramid.level_steps)!r}); start a new workdir, or set "
         f"pyramid.level_steps={kept} to train the finest level longer"
     )
 
