@@ -52,6 +52,25 @@ def preprocess_dataset(
     """
     ensure_dataset(config.data)
     files = dataset_lib.list_dataset(config.data)
-    train_files, val_files = dataset_lib.split_dataset(files, config.data)
-    plan, cached = cache_lib.ensure_preprocessed(config, files, train_files)
+    if config.data.fold >= 0:
+        train_files, val_files = dataset_lib.fold_split(files, config.data, folds_path(config.data))
+        # One plan from every case for every fold, as nnU-Net plans on all its training
+        # cases: per-fold plans would rebuild the shared cache at each fold (and race on it
+        # when the folds train at once on a cluster). The median spacing (and, with
+        # foreground_zscore, the foreground's intensities) then include held-out cases.
+        plan_files = files
+    else:
+        train_files, val_files = dataset_lib.split_dataset(files, config.data)
+        plan_files = train_files
+    plan, cached = cache_lib.ensure_preprocessed(config, files, plan_files)
     return plan, cached, train_files, val_files
+
+
+def folds_path(data_config: ml_collections.ConfigDict) -> pathlib.Path:
+    """The dataset's folds file: folds.json in its cache folder, shared by every run on it."""
+    return cache_lib.cache_dir(data_config) / dataset_lib.FOLDS_FILE
+
+
+def fold_record(data_config: ml_collections.ConfigDict) -> dict:
+    """The fold record a run keeps in split.json (`dataset.fold_record` of its folds file)."""
+    return dataset_lib.fold_record(data_config, folds_path(data_config))

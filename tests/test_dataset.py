@@ -157,3 +157,34 @@ def test_the_split_is_seeded_and_disjoint(tmp_path):
     assert dataset_lib.split_cases(files, 2, seed=1)[1] == val
     with pytest.raises(DatasetError, match="num_val_cases"):
         dataset_lib.split_cases(files, 6, seed=1)
+
+
+def test_the_folds_are_seeded_and_hold_out_every_case_exactly_once():
+    ids = [f"case_{i:02d}" for i in range(13)]
+    folds = dataset_lib.make_folds(ids, 5, seed=0)
+    assert folds == dataset_lib.make_folds(list(reversed(ids)), 5, seed=0)  # listing order
+    assert folds != dataset_lib.make_folds(ids, 5, seed=1)
+    held_out = [case for fold in folds for case in fold["val"]]
+    assert sorted(held_out) == ids  # every case once
+    assert sorted(len(fold["val"]) for fold in folds) == [2, 2, 3, 3, 3]
+    for fold in folds:
+        assert sorted(fold["train"] + fold["val"]) == ids
+        assert not set(fold["train"]) & set(fold["val"])
+    with pytest.raises(DatasetError, match="num_folds=14: needs from 2"):
+        dataset_lib.make_folds(ids, 14, seed=0)
+
+
+def test_the_folds_file_is_written_once_and_a_disagreeing_one_is_refused(tmp_path):
+    ids = [f"c{i}" for i in range(10)]
+    path = tmp_path / "cache" / dataset_lib.FOLDS_FILE
+    written = dataset_lib.ensure_folds(path, ids, 5, seed=0)
+    text = path.read_text()
+    assert dataset_lib.ensure_folds(path, ids[::-1], 5, seed=0) == written
+    assert path.read_text() == text  # read, not rewritten
+    for num_folds, seed, cases in ((4, 0, ids), (5, 1, ids), (5, 0, ids[:9])):
+        with pytest.raises(DatasetError) as refused:
+            dataset_lib.ensure_folds(path, cases, num_folds, seed)
+        message = str(refused.value)
+        assert message.startswith(f"{path}: its folds (num_folds=5, split_seed=0, 10 cases)")
+        assert "\n" not in message
+    assert path.read_text() == text

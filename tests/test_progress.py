@@ -16,6 +16,7 @@ from autocontext_jax.evaluation.figures import curves_figure, plot_run, read_met
 from autocontext_jax.inference import load_run
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import abstract_variables, count_parameters
+from autocontext_jax.runtime import progress
 from autocontext_jax.training import loop
 
 STEPS, EVAL_EVERY = 4, 2
@@ -162,3 +163,13 @@ def test_the_curves_show_smoothed_losses_and_the_validation_dice(run_output):
     assert all(ax.get_xlabel() == "step" and ax.get_ylabel() for ax in figure.axes)
     paths = plot_run(workdir)
     assert paths[-1].name == "training_curves.png" and paths[-1].stat().st_size > 10_000
+
+
+def test_the_start_block_names_the_fold_of_a_cross_validated_run(tiny_config, tmp_path):
+    tiny_config.data.num_folds, tiny_config.data.fold = 5, 2
+    model = build_pyramid(tiny_config)
+    params = abstract_variables(model)["params"]
+    block = progress.start_block(tiny_config, tmp_path, model, params, 16, 4, 0, False)
+    assert "  cases: 16 training, 4 held out by fold 2 of 5 (no validation during training)" in (
+        block.splitlines()
+    )

@@ -13,9 +13,20 @@ from autocontext_jax.runtime import checkpointing
 PACKAGE = REPO / "autocontext_jax"
 
 
-@pytest.mark.parametrize("name", ["default", "paper", "totalseg_example", "ablation_base_cpu"])
+@pytest.mark.parametrize(
+    "name", ["default", "paper", "totalseg_example", "ablation_base_cpu", "ablation_depth_cpu"]
+)
 def test_every_shipped_config_is_valid(name):
     validate_config(load_config(name), 1)
+
+
+def test_the_depth_ablation_is_valid_at_every_depth_mode_and_fold_it_runs():
+    for levels in (1, 2, 3):
+        for mode in ("end_to_end", "none"):
+            for fold in range(load_config("ablation_depth_cpu").data.num_folds):
+                config = load_config("ablation_depth_cpu")
+                config.pyramid.levels, config.pyramid.mode, config.data.fold = levels, mode, fold
+                validate_config(config, 1)
 
 
 def test_the_default_config_is_the_schemas_defaults():
@@ -76,6 +87,9 @@ def test_a_value_of_the_wrong_type_is_refused():
         ("eval.nsd_tolerance_mm", 0.0, 1),
         ("eval.every", -1, 1),
         ("eval.num_cases", 0, 1),
+        ("data.fold", 5, 1),  # num_folds is 5: folds 0 to 4
+        ("data.fold", -2, 1),
+        ("data.num_folds", 1, 1),
     ],
 )
 def test_bad_configs_are_refused_naming_the_field(tiny_config, field, value, devices):

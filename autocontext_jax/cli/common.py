@@ -20,6 +20,7 @@ from autocontext_jax.config.schema import ConfigError
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation.ablation import AblationError
 from autocontext_jax.evaluation.compare import ComparisonError
+from autocontext_jax.evaluation.crossval import CrossValidationError
 from autocontext_jax.evaluation.diagnose import DiagnoseError
 from autocontext_jax.inference import MemberMismatchError, ModelFileError
 from autocontext_jax.runtime.checkpointing import CheckpointError, SaveError
@@ -59,6 +60,7 @@ USER_ERRORS: tuple[tuple[type[Exception], str], ...] = (
     (WorkdirBusyError, "Workdir in use"),
     (ComparisonError, "Cannot compare"),
     (AblationError, "Cannot report the ablation"),
+    (CrossValidationError, "Cannot cross-validate"),
     (DiagnoseError, "Cannot diagnose"),
 )
 

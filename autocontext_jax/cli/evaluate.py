@@ -3,6 +3,8 @@
     autocontext evaluate --workdir runs/default [--data DIR]
     autocontext evaluate --model model.zip --data DIR [--output DIR]
     autocontext evaluate --predictions segs --labels labelsTs [--label_map=totalsegmentator]
+    autocontext evaluate --cv RUN_fold-0,RUN_fold-1,...,RUN_fold-4 [--cv_out DIR]
+    autocontext evaluate --cv FOLDER_OF_FOLD_RUNS
 
 With --workdir, scores the run's newest checkpoint on its held-out cases (or every case
 of another dataset) and writes eval_cases.json and eval_summary.{md,csv,json} into the
@@ -14,7 +16,12 @@ PREDICTIONS/summary.json (or --summary). Structures the references do not label 
 of them holds it, --classes leaves it out, or the dataset.json beside the labels does not
 list it) are "not labelled": a dash in the tables, null in JSON, out of every average. A
 prediction without a reference, or a reference without a prediction, is one warning line
-naming the cases (an error with --strict).
+naming the cases (an error with --strict). With --cv, the k fold runs of one config
+(trained with --config.data.fold=F, listed or as the subfolders of one folder): every case
+scored once, by the fold run that held it out, in one Table-1 summary written to --cv_out
+(default: the one folder given, or RUN_cv beside the runs, RUN their common name without
+its fold): eval_cases.json and eval_summary.{md,csv,json}, as a run's, so `autocontext
+compare` takes it.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from absl import app, flags
 from autocontext_jax.cli.common import checked_flag, no_arguments, quiet_logging, run_command
 from autocontext_jax.config import schema
 from autocontext_jax.data.labels import LABEL_MAP_PRESETS, NUM_PAPER_CLASSES, parse_label_map
+from autocontext_jax.evaluation import crossval
 from autocontext_jax.evaluation.evaluate import evaluate_model_file, evaluate_workdir
 from autocontext_jax.evaluation.folders import (
     SUMMARY_FILE,
@@ -79,6 +87,10 @@ def define_flags() -> None:
         "Surface Dice tolerance in mm (default: the run's config, "
         f"{schema.default('eval.nsd_tolerance_mm'):g} for folders).",
     )
+    flags.DEFINE_list(
+        "cv", None, "Fold runs of one config (or one folder of them): a cross-validated summary."
+    )
+    flags.DEFINE_string("cv_out", None, "Where --cv writes its summary (default: see above).")
     flags.register_validator(
         "nsd_tolerance_mm", lambda value: value is None or value > 0, "must be > 0 mm"
     )
@@ -117,10 +129,27 @@ def evaluate_predictions() -> None:
     print(f"Wrote {path}")
 
 
+def evaluate_cross_validation() -> None:
+    """Join the --cv fold runs' held-out scores into one summary, print and write it."""
+    if FLAGS.workdir is not None or FLAGS.predictions is not None or FLAGS.model is not None:
+        raise app.UsageError("--cv goes alone: not with --workdir, --model or --predictions")
+    workdirs = crossval.fold_workdirs(FLAGS.cv)
+    result = crossval.cross_validate(workdirs, FLAGS.nsd_tolerance_mm)
+    out = pathlib.Path(FLAGS.cv_out or crossval.default_output(FLAGS.cv))
+    crossval.write_cross_validation(out, result)
+    cases, folds = len(result["case_ids"]), len(result["runs"])
+    print(f"{cases} cases, each scored by the one of the {folds} fold runs that held it out")
+    print(summary_markdown(result))
+    print(f"Wrote eval_cases.json, eval_summary.{{md,csv,json}} and {crossval.CV_FILE} into {out}")
+
+
 def main(argv: list[str]) -> None:
-    """Evaluate a finished (or running) training workdir, or a folder of predictions."""
+    """Evaluate a training workdir, a folder of predictions, or the fold runs of one config."""
     no_arguments(argv)
     quiet_logging()
+    if FLAGS.cv is not None:
+        evaluate_cross_validation()
+        return
     if FLAGS.model is not None:
         if FLAGS.workdir is not None or FLAGS.data is None:
             raise app.UsageError("--model goes with --data (the cases to score), not --workdir")

@@ -75,6 +75,10 @@ def _crop_size(value: Any, config: ml_collections.ConfigDict) -> bool:
     return isinstance(value, int) and value > 0 and value % 2**config.model.num_poolings == 0
 
 
+def _fold(value: Any, config: ml_collections.ConfigDict) -> bool:
+    return isinstance(value, int) and (value == -1 or 0 <= value < config.data.num_folds)
+
+
 def _intensity_clip(value: Any, _: Any) -> bool:
     clip = tuple(value)
     return len(clip) == 2 and all(math.isfinite(v) for v in clip) and clip[0] < clip[1]
@@ -227,7 +231,29 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "data.split_seed",
         0,
-        "Seed of the held-out split, apart from `seed`, so runs of several seeds share one.",
+        "Seed of the held-out split and of the folds, apart from `seed`, so runs of several "
+        "seeds share them.",
+    ),
+    Field(
+        "data.num_folds",
+        5,
+        "Folds of the cross-validation that `fold` picks from: every case of the dataset in "
+        "exactly one, written once to the cache's folds.json that every run on it shares.",
+        check=lambda value, _: isinstance(value, int) and value >= 2,
+        why="must be an integer >= 2",
+        older=5,
+    ),
+    Field(
+        "data.fold",
+        -1,
+        "The held-out fold of a cross-validated run, 0 .. num_folds-1 (num_val_cases is then "
+        "unused, and the plan is made from every case, as nnU-Net's); -1 = the held-out split "
+        "of num_val_cases cases by split_seed.",
+        check=_fold,
+        why=lambda c: (
+            f"-1 (no folds), or a fold from 0 to data.num_folds - 1 = {c.data.num_folds - 1}"
+        ),
+        older=-1,
     ),
     Field(
         "data.centre_sampling",

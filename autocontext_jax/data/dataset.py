@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import ml_collections
 import numpy as np
@@ -181,9 +183,91 @@ def split_dataset(
 ) -> tuple[list[CaseFiles], list[CaseFiles]]:
     """The run's (train, held-out) split: `data.num_val_cases` cases by `data.split_seed`.
 
-    Every command that needs the training cases (training, preprocess) splits here.
+    Every command that needs the training cases (training, preprocess) splits here. A
+    cross-validated run (`data.fold` >= 0) takes its fold instead: `fold_split`.
     """
     return split_cases(files, data_config.num_val_cases, data_config.split_seed)
+
+
+# The folds of a dataset, written once beside its cache and shared by every run on it
+# (nnU-Net's splits_final.json), so runs of different configs hold out the same cases.
+FOLDS_FILE = "folds.json"
+
+
+def make_folds(case_ids: Sequence[str], num_folds: int, seed: int) -> list[dict[str, list[str]]]:
+    """The folds: the sorted case ids in a seeded order, cut into k parts of near-equal size.
+
+    Fold i holds out its part ("val") and trains on the rest ("train"); every case is held
+    out by exactly one fold. Sorting first makes the folds independent of listing order.
+    """
+    ids = sorted(case_ids)
+    if not 2 <= num_folds <= len(ids):
+        raise DatasetError(
+            f"config.data.num_folds={num_folds}: needs from 2 to as many folds as the "
+            f"dataset's {len(ids)} cases"
+        )
+    order = np.random.default_rng(seed).permutation(len(ids))
+    folds = []
+    for part in np.array_split(order, num_folds):
+        held_out = {ids[i] for i in part}
+        folds.append({"train": [c for c in ids if c not in held_out], "val": sorted(held_out)})
+    return folds
+
+
+def folds_content(case_ids: Sequence[str], num_folds: int, seed: int) -> dict:
+    """What the folds file of these cases, k and seed holds."""
+    return {
+        "num_folds": num_folds,
+        "split_seed": seed,
+        "folds": make_folds(case_ids, num_folds, seed),
+    }
+
+
+def ensure_folds(
+    path: str | os.PathLike, case_ids: Sequence[str], num_folds: int, seed: int
+) -> dict:
+    """The folds file at `path`: written when missing, else checked against these folds.
+
+    A file whose folds differ (another k, seed or set of cases) is a DatasetError naming
+    it: runs on one dataset must share one set of folds to be compared case by case.
+    """
+    path = pathlib.Path(path)
+    expected = folds_content(case_ids, num_folds, seed)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomically(path, expected, indent=1)
+        return expected
+    try:
+        saved = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise DatasetError(f"{path}: not valid JSON ({error})") from error
+    if saved != json.loads(json.dumps(expected)):
+        held = sorted(c for fold in saved.get("folds", []) for c in fold.get("val", []))
+        raise DatasetError(
+            f"{path}: its folds (num_folds={saved.get('num_folds')}, "
+            f"split_seed={saved.get('split_seed')}, {len(held)} cases) disagree with this "
+            f"run's (num_folds={num_folds}, split_seed={seed}, {len(case_ids)} cases); runs "
+            "on one dataset share its folds: use the file's settings, or delete it to "
+            "re-split (runs trained on the old folds are then not comparable)"
+        )
+    return saved
+
+
+def folds_digest(path: str | os.PathLike) -> str:
+    """The sha256 of a folds file, which every run trained on it records in split.json."""
+    return hashlib.sha256(pathlib.Path(path).read_bytes()).hexdigest()
+
+
+def fold_split(
+    files: list[CaseFiles], data_config: ml_collections.ConfigDict, folds_path: str | os.PathLike
+) -> tuple[list[CaseFiles], list[CaseFiles]]:
+    """(train, held-out) of fold `data.fold` of the dataset's folds file (made when missing)."""
+    content = ensure_folds(
+        folds_path, [f.case_id for f in files], data_config.num_folds, data_config.split_seed
+    )
+    fold = content["folds"][data_config.fold]
+    by_id = {f.case_id: f for f in files}
+    return [by_id[c] for c in fold["train"]], [by_id[c] for c in fold["val"]]
 
 
 # The split a run trained with, kept in its workdir.
@@ -191,15 +275,36 @@ SPLIT_FILE = "split.json"
 
 
 def write_split(
-    workdir: str | os.PathLike, train_ids: Sequence[str], val_ids: Sequence[str]
+    workdir: str | os.PathLike,
+    train_ids: Sequence[str],
+    val_ids: Sequence[str],
+    fold: Mapping[str, Any] | None = None,
 ) -> None:
-    """Keep a run's (train, held-out) case ids in WORKDIR/split.json."""
-    split = {"train": list(train_ids), "val": list(val_ids)}
+    """Keep a run's (train, held-out) case ids, and its fold record, in WORKDIR/split.json.
+
+    `fold` is {"fold": -1} for the held-out split, or the fold, num_folds, and the folds
+    file's path and sha256 for a cross-validated run (`fold_record`).
+    """
+    split = {"train": list(train_ids), "val": list(val_ids), **(fold or {"fold": -1})}
     write_json_atomically(pathlib.Path(workdir) / SPLIT_FILE, split)
 
 
-def read_split(workdir: str | os.PathLike) -> dict[str, list[str]]:
-    """The {"train": [...], "val": [...]} case ids of a run."""
+def fold_record(
+    data_config: ml_collections.ConfigDict, folds_path: str | os.PathLike
+) -> dict[str, Any]:
+    """What split.json says of a run's fold: -1, or the fold and the folds file it came from."""
+    if data_config.fold < 0:
+        return {"fold": -1}
+    return {
+        "fold": int(data_config.fold),
+        "num_folds": int(data_config.num_folds),
+        "folds_file": str(pathlib.Path(folds_path).absolute()),
+        "folds_sha256": folds_digest(folds_path),
+    }
+
+
+def read_split(workdir: str | os.PathLike) -> dict[str, Any]:
+    """The {"train": [...], "val": [...], "fold": ...} case ids and fold record of a run."""
     path = pathlib.Path(workdir) / SPLIT_FILE
     if not path.is_file():
         raise DatasetError(f"{path}: no split.json; pass --data DIR to choose cases")

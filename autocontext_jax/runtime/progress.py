@@ -87,6 +87,9 @@ def start_block(
             if cases < held_out_cases
             else f"validation every {config.eval.every} steps on all of them"
         )
+    fold = ""
+    if config.data.fold >= 0:
+        fold = f" by fold {config.data.fold} of {config.data.num_folds}"
     steps = f"{config.train.steps} steps of batch {config.train.batch_size}"
     if start_step >= config.train.steps:
         steps += f", all done (the checkpoint of step {start_step})"
@@ -97,7 +100,7 @@ def start_block(
         f"  devices: {device_line()}",
         "  parameters:",
         *(f"    {line}" for line in parameter_lines(model, params)),
-        f"  cases: {train_cases} training, {held_out_cases} held out ({validation})",
+        f"  cases: {train_cases} training, {held_out_cases} held out{fold} ({validation})",
         f"  steps: {steps}",
     ]
     return "\n".join(lines)

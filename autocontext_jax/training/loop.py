@@ -115,7 +115,10 @@ def prepare_data(
     val_files = [f for f in val_files if f.case_id in cached]
     if jax.process_index() == 0:
         dataset_lib.write_split(
-            workdir, [c.case_id for c in train_cases], [f.case_id for f in val_files]
+            workdir,
+            [c.case_id for c in train_cases],
+            [f.case_id for f in val_files],
+            prepare.fold_record(config.data),
         )
         save_run_plan(workdir, plan)
     # Worker processes read their own copies; only an in-process pipeline shares these.
