@@ -1,6 +1,6 @@
 """Tiled inference of a tiny pyramid on a fixed volume, saved for comparison.
 
-Used by test_inference.py in a subprocess, so that XLA_FLAGS can fake several CPU devices.
+Used by test_tiling.py in a subprocess, so that XLA_FLAGS can fake several CPU devices.
     python tests/multidevice_inference.py OUT.npz
 """
 

@@ -1,6 +1,6 @@
 """Run two train steps of a tiny pyramid on a fixed global batch and save the result.
 
-Used by test_train.py in a subprocess, so that XLA_FLAGS can fake several CPU devices.
+Used by test_step.py in a subprocess, so that XLA_FLAGS can fake several CPU devices.
     python tests/multidevice_step.py OUT.npz
 """
 
