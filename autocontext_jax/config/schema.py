@@ -562,11 +562,6 @@ FIELDS: tuple[Field, ...] = (
 _BY_NAME = {field.name: field for field in FIELDS}
 
 
-def field(name: str) -> Field:
-    """The declaration of the field called `name` (e.g. `model.width`)."""
-    return _BY_NAME[name]
-
-
 def default(name: str) -> Any:
     """The default value of the field called `name`."""
     return _BY_NAME[name].default
