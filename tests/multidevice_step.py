@@ -1,6 +1,7 @@
 """Run two train steps of a tiny pyramid on a fixed global batch and save the result.
 
-Used by test_step.py in a subprocess, so that XLA_FLAGS can fake several CPU devices.
+Used by test_step.py: in a subprocess, so that XLA_FLAGS can fake several CPU devices,
+and in the test's own process for one device.
     python tests/multidevice_step.py OUT.npz
 """
 
@@ -9,6 +10,7 @@ import sys
 import jax
 import numpy as np
 from conftest import make_tiny_config
+from jax.sharding import Mesh
 
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.runtime import parallel
@@ -16,8 +18,8 @@ from autocontext_jax.training.state import create_train_state, make_optimizer
 from autocontext_jax.training.step import jit_train_step, make_train_step
 
 
-def main(out: str) -> None:
-    """Two steps over all visible devices; save loss, level losses and parameters."""
+def two_steps(mesh: Mesh | None = None) -> dict[str, np.ndarray]:
+    """Two steps over `mesh` (all devices): loss, level losses and parameters."""
     config = make_tiny_config()
     config.train.batch_size = 8
     rng = np.random.default_rng(0)
@@ -28,7 +30,7 @@ def main(out: str) -> None:
     }
     model = build_pyramid(config)
     optimizer = make_optimizer(config.train)
-    mesh = parallel.make_mesh()
+    mesh = mesh or parallel.make_mesh()
     state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))
     step = jit_train_step(make_train_step(model, optimizer, config), mesh)
     key = jax.random.key(7)
@@ -42,7 +44,12 @@ def main(out: str) -> None:
             {"params": state.params, "batch_stats": state.batch_stats}
         )
     }
-    np.savez(out, devices=jax.device_count(), losses=np.asarray(losses), **flat)
+    return {"devices": np.asarray(mesh.size), "losses": np.asarray(losses), **flat}
+
+
+def main(out: str) -> None:
+    """Save two_steps() over every device to OUT."""
+    np.savez(out, **two_steps())
 
 
 if __name__ == "__main__":

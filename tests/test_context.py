@@ -2,6 +2,7 @@
 the diagnostics give the same finer-level input for the same coarser output; and the
 context options: context dropout and per-level loss weights."""
 
+import functools
 import itertools
 import types
 
@@ -35,15 +36,26 @@ class FinerInputs:
 
     def __call__(self, image, coarser_probs, dropped=None):
         result = self.rule(image, coarser_probs, dropped)
-        self.calls.append((np.asarray(coarser_probs), np.asarray(result)))
+        # Traced for a compiled function, the values are recorded when it runs.
+        jax.debug.callback(self.record, coarser_probs, result)
         return result
+
+    def record(self, coarser_probs, result):
+        """Keep one call's coarser probabilities and finer input."""
+        self.calls.append((np.asarray(coarser_probs), np.asarray(result)))
 
 
 @pytest.fixture
-def recorder(monkeypatch):
+def spy(monkeypatch):
+    """Every call of the rule, with its values, compiled or not."""
+    recording = FinerInputs()
+    monkeypatch.setattr(context, "finer_input", recording)
+    return recording
+
+
+@pytest.fixture
+def recorder(spy):
     """Every call of the rule, concrete (nothing is compiled while it records)."""
-    spy = FinerInputs()
-    monkeypatch.setattr(context, "finer_input", spy)
     with jax.disable_jit():
         yield spy
 
@@ -114,7 +126,7 @@ def variables_of(variables, level):
 
 
 @pytest.mark.slow
-def test_the_separate_step_trains_level_2_on_the_models_finer_input(pyramid, recorder):
+def test_the_separate_step_trains_level_2_on_the_models_finer_input(pyramid, spy):
     config, model, variables = pyramid
     config = config.copy_and_resolve_references()
     config.pyramid.mode = "separate"
@@ -126,14 +138,22 @@ def test_the_separate_step_trains_level_2_on_the_models_finer_input(pyramid, rec
 
     state = create_train_state(model, phases.make_run_optimizer(config), 0)
     state = state.replace(params=variables["params"], ema_params=variables["params"])
-    recorder.calls.clear()  # the initialisation ran the model too
+    jax.effects_barrier()
+    spy.calls.clear()  # the initialisation ran the model too
 
-    model.apply(variables, images, train=False)
-    (_, model_input), *_ = recorder.calls
-    recorder.calls.clear()
-    step = make_separate_train_step(model, phases.make_run_optimizer(config), config, phase=1)
+    jax.jit(functools.partial(model.apply, train=False))(variables, images)
+    jax.effects_barrier()
+    (_, model_input), *_ = spy.calls
+    spy.calls.clear()
+    # Compiled, as training runs it.
+    step = jax.jit(
+        make_separate_train_step(model, phases.make_run_optimizer(config), config, phase=1)
+    )
     _, metrics = step(state, {k: jnp.asarray(v) for k, v in batch.items()}, jax.random.key(0))
-    assert len(recorder.calls) == 1
+    jax.effects_barrier()
+    ((_, step_input),) = spy.calls  # the rule ran once: level 2's input, from the frozen level 1
+    # The same input, up to the order in which two compiled programs add.
+    np.testing.assert_allclose(step_input, model_input, rtol=1e-6, atol=1e-7)
 
     # Level 2 learns in training mode on the model's finer input: the same loss.
     logits, _ = model.level_network().apply(

@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import jax
+import multidevice_step
 import numpy as np
 import pytest
-from conftest import fixed_batch
+from conftest import fixed_batch, subprocess_xla_flags
+from jax.sharding import Mesh
 
 from autocontext_jax.data.device_augment import augment_intensity
 from autocontext_jax.models import build_pyramid
@@ -25,8 +27,9 @@ TESTS = pathlib.Path(__file__).parent
 
 
 def _run_step_script(tmp_path, devices: int) -> dict:
+    """multidevice_step.py's result with `devices` fake CPU devices, in a subprocess."""
     out = tmp_path / f"devices_{devices}.npz"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(devices))
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     subprocess.run(
         [sys.executable, str(TESTS / "multidevice_step.py"), str(out)], env=env, check=True
@@ -36,7 +39,9 @@ def _run_step_script(tmp_path, devices: int) -> dict:
 
 @pytest.mark.slow
 def test_one_and_eight_devices_agree_on_the_same_global_batch(tmp_path):
-    one, eight = _run_step_script(tmp_path, 1), _run_step_script(tmp_path, 8)
+    # One device here, in this process; eight in a process of eight fake devices.
+    one = multidevice_step.two_steps(Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,)))
+    eight = _run_step_script(tmp_path, 8)
     assert int(one.pop("devices")) == 1 and int(eight.pop("devices")) == 8
     np.testing.assert_allclose(one["losses"], eight["losses"], rtol=1e-5, atol=1e-5)
     assert one.keys() == eight.keys()

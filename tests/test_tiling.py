@@ -6,8 +6,11 @@ import subprocess
 import sys
 
 import jax
+import multidevice_inference
 import numpy as np
 import pytest
+from conftest import subprocess_xla_flags
+from jax.sharding import Mesh
 from scipy import ndimage
 
 from autocontext_jax import inference
@@ -157,8 +160,9 @@ def test_batches_are_split_over_the_mesh(pyramid):
 
 
 def _run_inference_script(tmp_path, devices: int) -> dict:
+    """multidevice_inference.py's levels with `devices` fake CPU devices, in a subprocess."""
     out = tmp_path / f"devices_{devices}.npz"
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(devices))
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     script = TESTS / "multidevice_inference.py"
     subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
@@ -167,7 +171,11 @@ def _run_inference_script(tmp_path, devices: int) -> dict:
 
 @pytest.mark.slow
 def test_one_and_four_devices_blend_the_same_probabilities(tmp_path):
-    one, four = _run_inference_script(tmp_path, 1), _run_inference_script(tmp_path, 4)
+    # One device here, in this process; four in a process of four fake devices.
+    one = multidevice_inference.blended_levels(
+        Mesh(np.asarray(jax.devices()[:1]), (parallel.DATA_AXIS,))
+    )
+    four = _run_inference_script(tmp_path, 4)
     assert int(one["devices"]) == 1 and int(four["devices"]) == 4
     for level in ("level_1", "level_2"):
         np.testing.assert_allclose(one[level], four[level], atol=1e-5)
