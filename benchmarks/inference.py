@@ -286,6 +286,13 @@ def compare_with_monai(
         return
     threads = monai_reference.use_all_cores()
     step = int(options.tile_size * (1 - options.overlap))
+    pyramid_rule = (
+        "    MONAI's pyramid: each level's whole grid through sliding_window_inference, "
+        "coarsest first, the coarser softmax upsampled x2 over the whole grid and "
+        "concatenated as input channels (ours upsamples it tile by tile)\n"
+        if "pyramid" in args.monai_scopes
+        else ""
+    )
     print(
         f"  against MONAI's sliding_window_inference ({monai_reference.versions()}, float32, "
         f"torch on {threads} threads: the {threads} cores XLA's CPU client uses), our random "
@@ -295,9 +302,7 @@ def compare_with_monai(
         f"blending (our weight map: sigma_scale 1/8), sw_batch_size "
         f"{options.tiles_per_batch * jax.device_count()}, mirror {options.mirror}; tile "
         f"starts: ours spread evenly, MONAI's every {step} voxels with the last flush\n"
-        f"    MONAI's pyramid: each level's whole grid through sliding_window_inference, "
-        f"coarsest first, the coarser softmax upsampled x2 over the whole grid and "
-        f"concatenated as input channels (ours upsamples it tile by tile)\n"
+        f"{pyramid_rule}"
         f"    median of {args.monai_runs} interleaved runs each, after an untimed run on a "
         f"small volume where the two tile layouts coincide and the outputs must agree",
         flush=True,
