@@ -6,12 +6,17 @@ the pyramid feeds each finer level the coarser softmax, upsampled x2 (trilinear)
 centre-cropped. The loss is the batch soft Dice (plus cross-entropy for `dice_ce`), the
 optimiser Adam. It runs eagerly, as PyTorch users run it, with oneDNN on the CPU.
 
+`unet_from_flax` builds one level's network with the weights of a JAX level copied in, so
+that the two frameworks can be checked to compute the same function
+(benchmarks/monai_reference.py).
+
 Needs `pip install torch` (an optional extra, never a dependency of the package).
 """
 
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +70,43 @@ class UNet3D(nn.Module):
         for up, block in zip(self.up, self.decoder, strict=True):
             x = block(torch.cat([skips.pop(), up(x)], dim=1))
         return self.head(x)
+
+
+def _copy(target: torch.Tensor, value: Any, *axes: int) -> None:
+    """Copy a JAX array into a torch parameter or buffer, its axes permuted to torch's order."""
+    source = torch.from_numpy(np.array(value, np.float32))
+    target.copy_(source.permute(*axes) if axes else source)
+
+
+def unet_from_flax(variables: dict[str, Any]) -> UNet3D:
+    """The torch U-Net, in eval mode, of one JAX level's `{params, batch_stats}`.
+
+    Flax numbers each module kind in creation order: ConvBlock_0 .. 2P+1 are the encoder's
+    two blocks per level, the decoder's follow; UpConv_i is the decoder's i-th upsampling;
+    Conv_0 is the head. Kernels are channels-last (k, k, k, C_in, C_out); both frameworks
+    cross-correlate and put the spatial axes in the same (D, H, W) order.
+    """
+    params, stats = variables["params"], variables["batch_stats"]
+    first, head = params["ConvBlock_0"]["Conv_0"]["kernel"], params["Conv_0"]["kernel"]
+    num_poolings = sum(name.startswith("UpConv_") for name in params)
+    net = UNet3D(first.shape[3], head.shape[4], first.shape[4], num_poolings)
+    blocks = [block for stage in (*net.encoder, *net.decoder) for block in stage]
+    with torch.no_grad():
+        for index, (conv, norm, _) in enumerate(blocks):
+            name = f"ConvBlock_{index}"
+            _copy(conv.weight, params[name]["Conv_0"]["kernel"], 4, 3, 0, 1, 2)
+            _copy(norm.weight, params[name]["BatchNorm_0"]["scale"])
+            _copy(norm.bias, params[name]["BatchNorm_0"]["bias"])
+            _copy(norm.running_mean, stats[name]["BatchNorm_0"]["mean"])
+            _copy(norm.running_var, stats[name]["BatchNorm_0"]["var"])
+        for index, up in enumerate(net.up):
+            # ConvTranspose3d's weight is (C_in, C_out, k, k, k); tap (i, j, k) writes output
+            # offset (i, j, k) in both (models/unet.py, UpConv).
+            _copy(up.weight, params[f"UpConv_{index}"]["kernel"], 3, 4, 0, 1, 2)
+            _copy(up.bias, params[f"UpConv_{index}"]["bias"])
+        _copy(net.head.weight, head, 4, 3, 0, 1, 2)
+        _copy(net.head.bias, params["Conv_0"]["bias"])
+    return net.eval()
 
 
 class Pyramid(nn.Module):
