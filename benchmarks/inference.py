@@ -78,8 +78,10 @@ def level_tiles(model, shape, options):
 def xla_flops(model, variables, level, tile, channels, options, mesh) -> float:
     """XLA's FLOP count of one tile of `level` (a check of the analytic count)."""
     context = model.takes_context(level)
+    # All seven arguments, as predict_level passes them: lru_cache keys on how a call is
+    # written, so a call relying on the default would compile a second predictor.
     predictor = tiling.make_tile_predictor(
-        model, tile, options.weighting, options.mirror, context, mesh
+        model, tile, options.weighting, options.mirror, context, mesh, False
     )
     batch = mesh.size
     images = jax.ShapeDtypeStruct((batch, *tile, 1), np.float32)
@@ -100,7 +102,7 @@ def warm_up(model, variables, plan, options, mesh) -> float:
     for level, (_, tile, _, _) in enumerate(plan, start=1):
         context = model.takes_context(level)
         predictor = tiling.make_tile_predictor(
-            model, tile, options.weighting, options.mirror, context, mesh
+            model, tile, options.weighting, options.mirror, context, mesh, False
         )
         batch = options.tiles_per_batch * mesh.size
         # Placed as predict_level places its tiles, so the same compiled program is used.
