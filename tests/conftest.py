@@ -6,7 +6,6 @@ import atexit
 import contextlib
 import dataclasses
 import io
-import os
 import pathlib
 import re
 import shutil
@@ -44,23 +43,6 @@ def _compile_each_program_once() -> None:
 
 
 _compile_each_program_once()
-
-# The tests compile a few hundred small programs, and XLA's CPU backend spends most of
-# that time in LLVM's optimisation passes: they decide how fast a program runs, not the
-# program (the same HLO, fused the same way). Without them the suite compiles about twice
-# as fast; what users run, at full optimisation, is timed by benchmarks/ and checked by
-# the default job (docs/contributing.md). Read when JAX first starts its backend, so set
-# here, before any test runs; subprocesses inherit it (with subprocess_xla_flags for devices).
-TEST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {TEST_XLA_FLAGS}".strip()
-
-
-def subprocess_xla_flags(devices: int | None = None) -> str:
-    """The tests' XLA_FLAGS for a subprocess, with `devices` fake CPU devices if given."""
-    fake = [] if devices is None else [f"--xla_force_host_platform_device_count={devices}"]
-    return " ".join([*fake, TEST_XLA_FLAGS])
-
-
 TINY_PHANTOM_SHAPE = (48, 40, 32)
 TINY_PHANTOM_SPACING = (4.0, 4.0, 4.0)
 

@@ -10,7 +10,6 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import subprocess_xla_flags
 
 from autocontext_jax.runtime import checkpointing, multihost
 
@@ -54,7 +53,7 @@ def _restore(workdir, like=None):
 @pytest.mark.slow
 def test_two_processes_train_like_one(tiny_phantom, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
-    env["XLA_FLAGS"] = subprocess_xla_flags()  # one CPU device per process
+    env.pop("XLA_FLAGS", None)  # one CPU device per process
     single = subprocess.run(
         [sys.executable, *_tiny_run_args(tiny_phantom, tmp_path / "one")],
         env=env,

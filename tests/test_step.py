@@ -9,7 +9,7 @@ import jax
 import multidevice_step
 import numpy as np
 import pytest
-from conftest import fixed_batch, subprocess_xla_flags
+from conftest import fixed_batch
 from jax.sharding import Mesh
 
 from autocontext_jax.data.device_augment import augment_intensity
@@ -29,7 +29,7 @@ TESTS = pathlib.Path(__file__).parent
 def _run_step_script(tmp_path, devices: int) -> dict:
     """multidevice_step.py's result with `devices` fake CPU devices, in a subprocess."""
     out = tmp_path / f"devices_{devices}.npz"
-    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(devices))
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     subprocess.run(
         [sys.executable, str(TESTS / "multidevice_step.py"), str(out)], env=env, check=True

@@ -9,7 +9,6 @@ import jax
 import multidevice_inference
 import numpy as np
 import pytest
-from conftest import subprocess_xla_flags
 from jax.sharding import Mesh
 from scipy import ndimage
 
@@ -162,7 +161,7 @@ def test_batches_are_split_over_the_mesh(pyramid):
 def _run_inference_script(tmp_path, devices: int) -> dict:
     """multidevice_inference.py's levels with `devices` fake CPU devices, in a subprocess."""
     out = tmp_path / f"devices_{devices}.npz"
-    env = dict(os.environ, XLA_FLAGS=subprocess_xla_flags(devices))
+    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
     env["PYTHONPATH"] = os.pathsep.join([str(TESTS), env.get("PYTHONPATH", "")])
     script = TESTS / "multidevice_inference.py"
     subprocess.run([sys.executable, str(script), str(out)], env=env, check=True)
