@@ -255,53 +255,9 @@ def test_runs_on_other_cases_are_refused(known_runs):
 
 
 @pytest.mark.slow
-def test_the_command_trains_the_grid_and_writes_the_report(tiny_phantom, tmp_path):
-    tiny = {
-        "data.dir": tiny_phantom,
-        "data.phantom_cases": 0,
-        "data.num_val_cases": 2,
-        "data.crop_size": 8,
-        "model.width": 2,
-        "model.num_poolings": 1,
-        "train.steps": 2,
-        "train.warmup_steps": 1,
-        "train.checkpoint_every": 2,
-        "train.log_every": 2,
-    }
-    command = [
-        *ABLATION,
-        "--levels=1,2",
-        "--modes=end_to_end,separate",
-        "--baseline=separate",
-        "--seeds=0,1",
-        f"--runs_dir={tmp_path}",
-        *(f"--override={key}={value}" for key, value in tiny.items()),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=1500)
-    assert result.returncode == 0, result.stderr[-3000:]
-    runs = sorted(p.name for p in tmp_path.iterdir() if p.is_dir())
-    assert runs == [
-        "levels-1_seed-0",
-        "levels-1_seed-1",
-        "levels-2_mode-end_to_end_seed-0",
-        "levels-2_mode-end_to_end_seed-1",
-        "levels-2_mode-separate_seed-0",
-        "levels-2_mode-separate_seed-1",
-    ]
-    # A separate run gives each of its two levels the joint runs' 2 steps.
-    separate = json.loads((tmp_path / "levels-2_mode-separate_seed-0" / "config.json").read_text())
-    assert separate["train"]["steps"] == 4
-    report = json.loads((tmp_path / "ablation.json").read_text())
-    assert report["not_finished"] == [] and len(report["cases"]) == 2
-    assert report["stacks_note"] is None  # every run trained here, on one stack
-    assert all((tmp_path / run / "environment.jsonl").is_file() for run in runs)
-    assert "end_to_end vs separate at level 2 (Avg.): " in result.stdout
-    assert (tmp_path / "ablation.md").read_text() in result.stdout
-    assert (tmp_path / "ablation.png").read_bytes()[:4] == b"\x89PNG"
-
-
-@pytest.mark.slow
-def test_a_cross_validated_grid_reports_every_case_once(tiny_phantom, tmp_path):
+def test_the_command_trains_a_cross_validated_grid_and_writes_the_report(tiny_phantom, tmp_path):
+    # One grid for the whole command (each run is a process start): one U-Net and two
+    # modes over two folds, so every case is scored once, by the fold that held it out.
     from conftest import REPO, run_autocontext
 
     tiny = {
@@ -320,38 +276,56 @@ def test_a_cross_validated_grid_reports_every_case_once(tiny_phantom, tmp_path):
     result = run_autocontext(
         "ablation",
         f"--config={REPO / 'configs' / 'default.py'}",
-        "--levels=2",
-        "--modes=end_to_end,none",
+        "--levels=1,2",
+        "--modes=end_to_end,separate",
+        "--baseline=separate",
         "--seeds=0",
         "--folds=2",
         f"--runs_dir={runs_dir}",
         *(f"--override={key}={value}" for key, value in tiny.items()),
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    names = sorted(p.name for p in runs_dir.iterdir() if p.is_dir())
-    assert names == [
-        "levels-2_mode-end_to_end_seed-0_cv",
+    runs = sorted(p.name for p in runs_dir.iterdir() if p.is_dir() and "_fold-" in p.name)
+    # A one-level pyramid has no context: one run per fold whatever the modes.
+    assert runs == [
+        "levels-1_seed-0_fold-0",
+        "levels-1_seed-0_fold-1",
         "levels-2_mode-end_to_end_seed-0_fold-0",
         "levels-2_mode-end_to_end_seed-0_fold-1",
-        "levels-2_mode-none_seed-0_cv",
-        "levels-2_mode-none_seed-0_fold-0",
-        "levels-2_mode-none_seed-0_fold-1",
+        "levels-2_mode-separate_seed-0_fold-0",
+        "levels-2_mode-separate_seed-0_fold-1",
     ]
+    # A separate run gives each of its two levels the joint runs' 2 steps.
+    separate = json.loads(
+        (runs_dir / "levels-2_mode-separate_seed-0_fold-0" / "config.json").read_text()
+    )
+    assert separate["train"]["steps"] == 4
+    assert all((runs_dir / run / "environment.jsonl").is_file() for run in runs)
+    for fold in (0, 1):
+        split = json.loads(
+            (runs_dir / f"levels-2_mode-separate_seed-0_fold-{fold}" / "split.json").read_text()
+        )
+        assert split["fold"] == fold and split["num_folds"] == 2
+
     report = json.loads((runs_dir / "ablation.json").read_text())
+    assert report["not_finished"] == [] and report["stacks_note"] is None  # one stack here
     assert report["folds"] == [0, 1] and len(report["cases"]) == 5  # every case, once
-    average = next(c for c in report["comparisons"] if c["organ"] == "Avg.")
+    average = next(
+        c
+        for c in report["comparisons"]
+        if (c["mode"], c["baseline_mode"], c["organ"]) == ("end_to_end", "separate", "Avg.")
+    )
     assert average["cases"] == 5 and average["pseudo_pairs"] == 5  # one seed: the same n
-    assert "end_to_end vs none at level 2 (Avg.): " in result.stdout
+    assert "end_to_end vs separate at level 2 (Avg.): " in result.stdout
     assert ", n = 5 cases, not significant (cannot reach significance at n = 5" in result.stdout
     assert "No test of this report can reach significance" in result.stdout
     assert "cross-validated over 2 folds" in result.stdout
-    cv = json.loads((runs_dir / "levels-2_mode-none_seed-0_cv" / "eval_cases.json").read_text())
+    assert (runs_dir / "ablation.md").read_text() in result.stdout
+    assert (runs_dir / "ablation.png").read_bytes()[:4] == b"\x89PNG"
+    # Each configuration's cross-validated summary scores every case once.
+    cv = json.loads((runs_dir / "levels-2_mode-separate_seed-0_cv" / "eval_cases.json").read_text())
     assert sorted(cv["case_ids"]) == report["cases"]
-    for fold in (0, 1):
-        split = json.loads(
-            (runs_dir / f"levels-2_mode-none_seed-0_fold-{fold}" / "split.json").read_text()
-        )
-        assert split["fold"] == fold and split["num_folds"] == 2
+    assert (runs_dir / "levels-1_seed-0_cv" / "eval_cases.json").is_file()
 
 
 def test_the_full_grid_goes_to_a_cluster_unchanged(tmp_path):
