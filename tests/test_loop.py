@@ -209,6 +209,8 @@ def _tiny_train_command(data_dir, workdir, *overrides: str) -> list[str]:
 
 @pytest.mark.slow
 def test_sigterm_saves_the_step_it_stopped_at_and_the_resumed_run_matches(tiny_phantom, tmp_path):
+    from conftest import run_autocontext
+
     overrides = [
         "--config.train.steps=300",
         "--config.train.checkpoint_every=100",
@@ -239,8 +241,10 @@ def test_sigterm_saves_the_step_it_stopped_at_and_the_resumed_run_matches(tiny_p
     resumed = subprocess.run(command, cwd=TESTS.parent, capture_output=True, text=True)
     assert resumed.returncode == 0, resumed.stderr
     assert f"Resuming from the checkpoint of step {stopped}" in resumed.stdout
+    # The run nobody stopped, the same command as `autocontext train` in this process.
     straight_command = _tiny_train_command(tiny_phantom, tmp_path / "straight", *overrides)
-    straight = subprocess.run(straight_command, cwd=TESTS.parent, capture_output=True, text=True)
+    assert straight_command[1:3] == ["-m", "autocontext_jax.main"]
+    straight = run_autocontext("train", *straight_command[3:])
     assert straight.returncode == 0, straight.stderr
     step_a, a = _params(tmp_path / "straight")
     step_b, b = _params(tmp_path / "stopped")
