@@ -1,12 +1,11 @@
 """Runs side by side with paired Wilcoxon p-values."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import scipy.stats
+from conftest import run_autocontext
 
 from autocontext_jax.evaluation import compare
 from autocontext_jax.runtime import environment
@@ -82,10 +81,8 @@ def test_the_command_prints_the_table(tmp_path):
         result = _result(range(7), [hd], metric="hd95")
         result["case_ids"] = [str(c) for c in result["case_ids"]]
         (tmp_path / name / "eval_cases.json").write_text(json.dumps(result))
-    command = [sys.executable, "-m", "autocontext_jax", "compare", "--metric=hd95"]
-    out = subprocess.run(
-        [*command, str(tmp_path / "base"), str(tmp_path / "better")], capture_output=True, text=True
-    )
+    command = ["compare", "--metric=hd95"]
+    out = run_autocontext(*command, str(tmp_path / "base"), str(tmp_path / "better"))
     assert out.returncode == 0, out.stderr
     assert "| HD95 (mm) | base | better |" in out.stdout
     assert "stack" not in out.stdout  # neither run has a record: nothing to say
@@ -94,9 +91,7 @@ def test_the_command_prints_the_table(tmp_path):
     for name, cpu in (("base", "CPU A"), ("better", "CPU B")):
         line = json.dumps({**record, "cpu": cpu}) + "\n"
         (tmp_path / name / environment.ENVIRONMENT_FILE).write_text(line)
-    out = subprocess.run(
-        [*command, str(tmp_path / "base"), str(tmp_path / "better")], capture_output=True, text=True
-    )
+    out = run_autocontext(*command, str(tmp_path / "base"), str(tmp_path / "better"))
     assert out.returncode == 0, out.stderr
     note, table = out.stdout.split("\n\n", 1)
     assert note == "**Runs trained on 2 different software/hardware stacks " + (
@@ -104,8 +99,6 @@ def test_the_command_prints_the_table(tmp_path):
         "a difference between them mixes that change with the one compared.**"
     )
     assert "| HD95 (mm) | base | better |" in table
-    missing = subprocess.run(
-        [*command, str(tmp_path / "base"), str(tmp_path)], capture_output=True, text=True
-    )
+    missing = run_autocontext(*command, str(tmp_path / "base"), str(tmp_path))
     assert missing.returncode != 0
     assert f"{tmp_path / 'eval_cases.json'}: missing" in missing.stderr

@@ -397,11 +397,11 @@ def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_ph
     images, labels = _nnunet_folder(tiny_phantom, tmp_path)
     output = tmp_path / "segs"
     command = [
-        sys.executable, "-m", "autocontext_jax", "predict",
+        "predict",
         "--workdir", str(trained_run), "--input", str(images), "--output", str(output),
         "--tile_size", "16",
     ]  # fmt: skip
-    result = subprocess.run([*command, "--labels", str(labels)], capture_output=True, text=True)
+    result = run_autocontext(*command, "--labels", str(labels))
     assert result.returncode == 0, result.stderr
     assert sorted(p.name for p in output.iterdir()) == [
         "phantom_000.nii.gz",
@@ -419,10 +419,10 @@ def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_ph
 
     # The folder evaluation (no run) scores the written files alike.
     evaluate = [
-        sys.executable, "-m", "autocontext_jax", "evaluate", "--predictions", str(output),
+        "evaluate", "--predictions", str(output),
         "--labels", str(labels), "--summary", str(tmp_path / "evaluated.json"),
     ]  # fmt: skip
-    result = subprocess.run(evaluate, capture_output=True, text=True)
+    result = run_autocontext(*evaluate)
     assert result.returncode == 0, result.stderr
     assert json.loads((tmp_path / "evaluated.json").read_text()) == summary
 
@@ -432,7 +432,7 @@ def test_command_line_scores_an_nnunet_folder_and_continues(trained_run, tiny_ph
     paper_to_totalseg = [0] + [to_totalseg[paper] for paper in range(1, 8)]
     _, totalseg_labels = _nnunet_folder(tiny_phantom, tmp_path / "ts", label_ids=paper_to_totalseg)
     rerun = [*command, "--labels", str(totalseg_labels), "--label_map=totalsegmentator"]
-    result = subprocess.run([*rerun, "--continue"], capture_output=True, text=True)
+    result = run_autocontext(*rerun, "--continue")
     assert result.returncode == 0, result.stderr
     assert "2 of 2 cases predicted after step" in result.stdout
     assert "tiles in" not in result.stdout
