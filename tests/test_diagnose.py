@@ -1,12 +1,10 @@
 """Diagnostics of the context on a tiny trained run."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import make_tiny_config
+from conftest import make_tiny_config, run_autocontext
 
 from autocontext_jax.cli.train import train_and_evaluate
 from autocontext_jax.data import dataset as dataset_lib
@@ -89,8 +87,8 @@ def test_the_real_context_gives_the_evaluations_dice(trained_run):
 
 
 def test_the_command_prints_and_writes_the_tables(trained_run):
-    command = [sys.executable, "-m", "autocontext_jax", "diagnose", f"--workdir={trained_run}"]
-    result = subprocess.run([*command, "--train_cases=2"], capture_output=True, text=True)
+    command = ["diagnose", f"--workdir={trained_run}"]
+    result = run_autocontext(*command, "--train_cases=2")
     assert result.returncode == 0, result.stderr
     for context in diagnose.CONTEXTS:
         assert f"| {context} |" in result.stdout
@@ -101,9 +99,7 @@ def test_the_command_prints_and_writes_the_tables(trained_run):
     assert len(written["levels"]["train"]["level_2"]) == 2
     assert (trained_run / diagnose.MARKDOWN_FILE).read_text() in result.stdout
 
-    missing = subprocess.run(
-        [*command[:-1], f"--workdir={trained_run}/nope"], capture_output=True, text=True
-    )
+    missing = run_autocontext(*command[:-1], f"--workdir={trained_run}/nope")
     assert missing.returncode != 0
     assert missing.stderr.strip().startswith("Bad workdir: ") and "nope" in missing.stderr
     assert "Traceback" not in missing.stderr and len(missing.stderr.strip().splitlines()) == 1

@@ -1,12 +1,10 @@
 """What a finished run leaves: reports, TensorBoard events, and the evaluate and plot commands."""
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from conftest import read_events
+from conftest import CommandResult, read_events, run_autocontext
 from PIL import Image
 
 from autocontext_jax.cli.train import train_and_evaluate
@@ -15,9 +13,9 @@ from autocontext_jax.evaluation.figures import plot_run
 from autocontext_jax.runtime import logs
 
 
-def _evaluate(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "autocontext_jax", "evaluate", *args]
-    return subprocess.run(command, capture_output=True, text=True)
+def _evaluate(*args: str) -> CommandResult:
+    """`autocontext evaluate ARGS...`, in this process."""
+    return run_autocontext("evaluate", *args)
 
 
 @pytest.fixture(scope="module")
