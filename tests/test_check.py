@@ -8,6 +8,7 @@ import sys
 import nibabel as nib
 import numpy as np
 import pytest
+from conftest import run_autocontext
 
 from autocontext_jax.cli.check import CheckError, same_header
 
@@ -47,7 +48,6 @@ def test_check_passes_every_step_and_segments_the_users_scan(tmp_path):
 
 
 def test_check_refuses_a_missing_scan_in_one_line(tmp_path):
-    command = [sys.executable, "-m", "autocontext_jax", "check", "--scan", str(tmp_path / "x")]
-    result = subprocess.run(command, capture_output=True, text=True)
+    result = run_autocontext("check", "--scan", str(tmp_path / "x"))
     assert result.returncode == 1
     assert result.stderr.strip().splitlines()[-1] == f"--scan: {tmp_path / 'x'}: no such file"
