@@ -28,7 +28,8 @@ fold-0 runs of 1,200 steps took 114 s (depth 1), 278 s (depth 2, with its compil
 402 s (depth 3) at load average 4 to 4.5, so the 30 runs take about 2.4 hours at that load;
 the documented CPU ablation config, timed in the same minutes, ran 1.8 to 2.0 times slower
 than its idle figure, which puts the grid at 73 to 81 minutes on an otherwise idle 2-core
-CPU (5 folds: about 2 hours). The grid itself has not been run yet.
+CPU (5 folds: about 2 hours). Its seed-0 half was run on 2026-12-06: docs/ablation.md,
+"The cross-validated depth ablation on the phantom", has its report and times.
 """
 
 import pathlib
