@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import importlib.util
-import math
 import pathlib
 import resource
 import sys
@@ -68,9 +67,7 @@ def level_tiles(model, shape, options):
     out = []
     for level in range(1, model.num_levels + 1):
         grid = [n // downsample_factor(level, model.num_levels) for n in padded]
-        count = math.prod(
-            len(tiling.tile_starts(n, options.tile_size, options.overlap)) for n in grid
-        )
+        count = len(tiling.tile_corners(grid, options.tile_size, options.overlap))
         out.append((grid, tile, count, model.level_in_channels(level)))
     return out
 

@@ -254,6 +254,6 @@ def our_corners(
     padded = [n + (-n % model.padding_multiple) for n in shape]
     out = []
     for level in range(1, model.num_levels + 1):
-        grid = [max(n // downsample_factor(level, model.num_levels), tile) for n in padded]
-        out.append(set(itertools.product(*(tiling.tile_starts(n, tile, overlap) for n in grid))))
+        grid = [n // downsample_factor(level, model.num_levels) for n in padded]
+        out.append(set(tiling.tile_corners(grid, tile, overlap)))
     return out

@@ -48,6 +48,9 @@ def test_tile_starts_cover_the_grid_with_even_starts():
         assert all(s % 2 == 0 for s in starts)
         steps = np.diff(starts)
         assert np.all(steps > 0) and np.all(steps <= tile * (1 - overlap) + 2)
+    # The corners of a level: every combination of the axes' starts; a short axis, one tile.
+    corners = tiling.tile_corners((16, 8, 4), 8, 0.5)
+    assert corners == [(0, 0, 0), (4, 0, 0), (8, 0, 0)]
 
 
 @pytest.mark.slow

@@ -76,6 +76,14 @@ def tile_starts(size: int, tile: int, overlap: float) -> list[int]:
     return [2 * round(i * (size - tile) / (count - 1) / 2) for i in range(count)]
 
 
+def tile_corners(grid: Sequence[int], tile: int, overlap: float) -> list[tuple[int, int, int]]:
+    """The start corners of the `tile`^3 tiles predict_level cuts a level's grid into.
+
+    An axis shorter than a tile gets one tile, at 0 (predict_level pads it to the tile).
+    """
+    return list(itertools.product(*(tile_starts(n, tile, overlap) for n in grid)))
+
+
 def tile_weight_1d(tile: int, weighting: str) -> np.ndarray:
     """The 1D blending weight of a tile; the 3D weight is the outer product of three."""
     if weighting == "constant":
@@ -194,8 +202,8 @@ def predict_level(
     extra = [f - n for f, n in zip(full, grid, strict=True)]
     if any(extra):
         image = np.pad(image, [(0, e) for e in extra] + [(0, 0)], constant_values=pad_value)
+    corners = tile_corners(grid, options.tile_size, options.overlap)
     starts = [tile_starts(n, t, options.overlap) for n, t in zip(full, tile_shape, strict=True)]
-    corners = list(itertools.product(*starts))
     with_context = coarse_probs is not None
     predictor = make_tile_predictor(
         model, tile_shape, options.weighting, options.mirror, with_context, mesh, batch_statistics
