@@ -211,13 +211,18 @@ def collapses(runs: Sequence[AblationRun]) -> list[dict[str, Any]]:
     return found
 
 
-def _case_level_test(
-    other: Mapping[int, np.ndarray], base: Mapping[int, np.ndarray], k: int, test: str
-) -> dict[str, Any]:
-    """One case-level comparison of organ column `k` (the last: the average)."""
+def _by_seed(
+    other: Mapping[int, np.ndarray], base: Mapping[int, np.ndarray], k: int
+) -> tuple[list[int], np.ndarray, np.ndarray]:
+    """The seeds both groups ran, and each group's organ column `k` as (seeds, cases)."""
     seeds = sorted(set(other) & set(base))
-    o = np.stack([_with_average(other[s])[:, k] for s in seeds])  # (seeds, cases)
+    o = np.stack([_with_average(other[s])[:, k] for s in seeds])
     b = np.stack([_with_average(base[s])[:, k] for s in seeds])
+    return seeds, o, b
+
+
+def _case_level_test(seeds: list[int], o: np.ndarray, b: np.ndarray, test: str) -> dict[str, Any]:
+    """One case-level comparison of two (seeds, cases) tables of one organ column."""
     differences = o.mean(axis=0) - b.mean(axis=0)  # per case, each side's mean over seeds
     per_seed = (o - b).mean(axis=1)
     low, high = bootstrap_interval(differences)
@@ -231,16 +236,6 @@ def _case_level_test(
         "smallest_p": smallest_p_value(int(differences.size), test),
         "seed_std": float(per_seed.std(ddof=1)) if len(seeds) > 1 else 0.0,
     }
-
-
-def _pseudo_replicated_test(
-    other: Mapping[int, np.ndarray], base: Mapping[int, np.ndarray], k: int, test: str
-) -> dict[str, Any]:
-    """The same comparison over case x seed pairs, as reports did before: for contrast only."""
-    seeds = sorted(set(other) & set(base))
-    o = np.stack([_with_average(other[s])[:, k] for s in seeds])
-    b = np.stack([_with_average(base[s])[:, k] for s in seeds])
-    return {"pairs": int(o.size), "p_value": paired_p_value(b, o, test)}
 
 
 def ablation_report(
@@ -265,7 +260,7 @@ def ablation_report(
     comparisons = []
     for other, base in comparison_pairs(groups, baseline_mode):
         for k, organ in enumerate(organs):
-            pseudo = _pseudo_replicated_test(groups[other], groups[base], k, test)
+            seeds, o, b = _by_seed(groups[other], groups[base], k)
             comparisons.append(
                 {
                     "mode": other[0],
@@ -273,9 +268,10 @@ def ablation_report(
                     "baseline_mode": base[0],
                     "baseline_depth": base[1],
                     "organ": organ,
-                    **_case_level_test(groups[other], groups[base], k, test),
-                    "pseudo_pairs": pseudo["pairs"],
-                    "pseudo_p_value": pseudo["p_value"],
+                    **_case_level_test(seeds, o, b, test),
+                    # As reports did before, case x seed pairs: for contrast only.
+                    "pseudo_pairs": int(o.size),
+                    "pseudo_p_value": paired_p_value(b, o, test),
                 }
             )
     m = len(comparisons)
