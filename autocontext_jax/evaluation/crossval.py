@@ -15,12 +15,14 @@ records) and of one config, data.fold apart; anything else is refused naming the
 from __future__ import annotations
 
 import json
+import os
 import pathlib
 import re
 from collections.abc import Sequence
 from typing import Any
 
 import ml_collections
+from flax import traverse_util
 
 from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data.atomic import write_json_atomically
@@ -49,14 +51,10 @@ def fold_workdirs(paths: Sequence[str]) -> list[pathlib.Path]:
     return folders
 
 
-def _leaves(config: ml_collections.ConfigDict, prefix: str = "") -> dict[str, Any]:
-    leaves = {}
-    for key, value in config.items():
-        if isinstance(value, ml_collections.ConfigDict):
-            leaves.update(_leaves(value, f"{prefix}{key}."))
-        else:
-            leaves[f"{prefix}{key}"] = json.loads(json.dumps(value, default=list))
-    return leaves
+def _leaves(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    # Through JSON, so a tuple a migration filled in equals the list a saved run holds.
+    plain = json.loads(json.dumps(config.to_dict(), default=list))
+    return traverse_util.flatten_dict(plain, keep_empty_nodes=True, sep=".")
 
 
 def check_folds(workdirs: Sequence[pathlib.Path]) -> list[dict[str, Any]]:
@@ -157,11 +155,7 @@ def default_output(workdirs: Sequence[str]) -> pathlib.Path:
     if len(workdirs) == 1:
         return pathlib.Path(workdirs[0])
     paths = [pathlib.Path(w).absolute() for w in workdirs]
-    names = [p.name for p in paths]
-    prefix = names[0]
-    for name in names[1:]:
-        while not name.startswith(prefix):
-            prefix = prefix[:-1]
+    prefix = os.path.commonprefix([p.name for p in paths])
     stem = re.sub(r"[_-]*(fold)?[_-]*$", "", prefix)
     return paths[0].parent / f"{stem or 'folds'}_cv"
 
