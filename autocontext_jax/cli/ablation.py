@@ -91,18 +91,12 @@ def grid_runs(
     for depth in levels:
         for mode in modes[:1] if depth == 1 else modes:
             for seed in seeds:
+                # A one-level pyramid has no context: its name carries no mode.
+                stem = f"levels-{depth}" + ("" if depth == 1 else f"_mode-{mode}")
+                stem += f"_seed-{seed}"
+                base = {**overrides, "pyramid.levels": depth, "pyramid.mode": mode, "seed": seed}
                 for fold in range(folds) if folds else [None]:
-                    name = (
-                        f"levels-{depth}_seed-{seed}"
-                        if depth == 1
-                        else (f"levels-{depth}_mode-{mode}_seed-{seed}")
-                    )
-                    run = {
-                        **overrides,
-                        "pyramid.levels": depth,
-                        "pyramid.mode": mode,
-                        "seed": seed,
-                    }
+                    name, run = stem, dict(base)
                     if fold is not None:
                         name += f"_fold-{fold}"
                         run.update({"data.num_folds": folds, "data.fold": fold})
