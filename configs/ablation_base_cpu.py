@@ -7,8 +7,10 @@
 with the CPU otherwise idle (50 minutes): 2-3 minutes per one-level run, 4-5 per two-level
 joint run (about 0.3 s per step), 5-6 per separate run (twice the steps at one level's cost
 each), each with its start and evaluation.
-12 training and 8 held-out cases: each comparison has 8 cases x 3 seeds = 24 pairs. The phantom
-goes into its own folder, so the default run's data is left alone.
+12 training and 8 held-out cases: each comparison has n = 8 cases (the 3 seeds are averaged
+per case, not counted as pairs), too few for any test to survive Holm over the report's
+tests; configs/ablation_depth_cpu.py cross-validates 20 cases. The phantom goes into its
+own folder, so the default run's data is left alone.
 """
 
 import pathlib
