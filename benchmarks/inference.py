@@ -39,6 +39,7 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from autocontext_jax import inference  # noqa: E402
+from autocontext_jax.cli.common import COMPILATION_CACHE  # noqa: E402
 from autocontext_jax.config.files import load_config_file  # noqa: E402
 from autocontext_jax.data.plan import Plan  # noqa: E402
 from autocontext_jax.data.sampling import downsample_factor  # noqa: E402
@@ -46,7 +47,7 @@ from autocontext_jax.inference import tiling  # noqa: E402
 from autocontext_jax.models import build_pyramid  # noqa: E402
 from autocontext_jax.models.flops import unet_forward_flops  # noqa: E402
 from autocontext_jax.models.init import init_variables  # noqa: E402
-from autocontext_jax.runtime import parallel  # noqa: E402
+from autocontext_jax.runtime import autotune, parallel  # noqa: E402
 
 # MONAI's sliding windows are timed beside ours only where torch and monai are installed.
 MONAI_INSTALLED = all(importlib.util.find_spec(name) for name in ("torch", "monai"))
@@ -137,7 +138,10 @@ def run(name: str, shape: tuple[int, int, int], args) -> None:
     for field in ("width", "num_poolings"):
         if getattr(args, field) is not None:
             config.model[field] = getattr(args, field)
-    model = build_pyramid(config)
+    # The lowering predict runs on this host (auto timed once, or read from the cache).
+    lowering = autotune.resolve_lowering(config, COMPILATION_CACHE, say=print)
+    print(f"{name}: convolution {lowering.describe()}")
+    model = build_pyramid(config, lowering.conv_impl)
     variables = init_variables(model, 0)
     variables = jax.device_put(variables, parallel.replicated(parallel.make_mesh()))
     options = inference.TilingOptions(

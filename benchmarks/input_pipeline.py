@@ -24,13 +24,14 @@ import numpy as np
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 from autocontext_jax import phantom  # noqa: E402
+from autocontext_jax.cli.common import COMPILATION_CACHE  # noqa: E402
 from autocontext_jax.config.files import load_config_file  # noqa: E402
 from autocontext_jax.data import cache  # noqa: E402
 from autocontext_jax.data import dataset as dataset_lib  # noqa: E402
 from autocontext_jax.data.device_augment import device_pyramid_crops  # noqa: E402
 from autocontext_jax.data.pipeline import PyramidExampleSampler, train_batches  # noqa: E402
 from autocontext_jax.models import build_pyramid  # noqa: E402
-from autocontext_jax.runtime import parallel  # noqa: E402
+from autocontext_jax.runtime import autotune, parallel  # noqa: E402
 from autocontext_jax.training.state import create_train_state, make_optimizer  # noqa: E402
 from autocontext_jax.training.step import jit_train_step, make_train_step  # noqa: E402
 
@@ -77,13 +78,14 @@ def step_examples_per_second(config, data_dir: pathlib.Path, steps: int) -> floa
     """Examples/s of the jitted train step on pipeline batches already on the device."""
     config.train.steps = steps + 1
     config.train.schedule = "constant"  # the step costs the same; no warm-up to fit
-    model = build_pyramid(config)
+    # The lowering training runs on this host (auto timed once, or read from the cache).
+    model = build_pyramid(config, autotune.resolve_lowering(config, COMPILATION_CACHE).conv_impl)
     optimizer = make_optimizer(config.train)
     mesh = parallel.make_mesh()
     state = jax.device_put(
         create_train_state(model, optimizer, config.seed), parallel.replicated(mesh)
     )
-    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh, model.conv_impl)
     sharding = parallel.batch_sharded(mesh)
     batches = [
         parallel.put_batch(b, sharding)

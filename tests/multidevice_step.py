@@ -32,7 +32,7 @@ def two_steps(mesh: Mesh | None = None) -> dict[str, np.ndarray]:
     optimizer = make_optimizer(config.train)
     mesh = mesh or parallel.make_mesh()
     state = jax.device_put(create_train_state(model, optimizer, 0), parallel.replicated(mesh))
-    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh, model.conv_impl)
     key = jax.random.key(7)
     losses = []
     for _ in range(2):

@@ -242,7 +242,7 @@ def _step_metrics(config, times=1):
         make_optimizer(config.train),
         parallel.make_mesh(),
     )
-    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh, model.conv_impl)
     batch = parallel.put_batch(fixed_batch(config), parallel.batch_sharded(mesh))
     results = []
     for _ in range(times):

@@ -7,9 +7,12 @@ import numpy as np
 import pytest
 
 from autocontext_jax.models.conv import (
+    LOWERINGS,
+    NAMED_CONV_IMPLS,
     Conv3D,
     compiler_options,
     conv3d_same,
+    lowering,
     resolve_conv_impl,
 )
 from autocontext_jax.models.flops import unet_forward_flops
@@ -82,7 +85,9 @@ def test_conv3d_module_matches_flax_conv_parameter_for_parameter():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("impl", ["depth_folded", "folded"])
+@pytest.mark.parametrize(
+    "impl", ["depth_folded", "folded", "depth_folded_ynnpack", "folded_ynnpack"]
+)
 def test_unet_outputs_and_gradients_agree_across_lowerings(impl):
     x = jax.random.normal(jax.random.key(5), (2, 4, 8, 4, 1))
     native = UNet3D(num_classes=3, width=2, num_poolings=1, conv_impl="native")
@@ -99,7 +104,10 @@ def test_unet_outputs_and_gradients_agree_across_lowerings(impl):
             )
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
 
-        return jax.jit(jax.value_and_grad(value, has_aux=True))(variables["params"])
+        # Compiled as the project compiles it: YNNPACK on for _ynnpack only (on CPU).
+        options = compiler_options(model.conv_impl)
+        gradient = jax.jit(jax.value_and_grad(value, has_aux=True), compiler_options=options)
+        return gradient(variables["params"])
 
     # Full float32 products: GPUs otherwise run float32 convolutions in TF32, differently
     # rounded for the two lowerings, and the comparison would measure that instead.
@@ -115,12 +123,35 @@ def test_unet_outputs_and_gradients_agree_across_lowerings(impl):
 
 def test_auto_lowering_and_bad_names():
     cpu = jax.default_backend() == "cpu"
+    # Untimed (runtime/autotune.py times it where a run has a cache folder).
     assert resolve_conv_impl("auto") == ("depth_folded" if cpu else "native")
+    assert resolve_conv_impl("auto", "gpu") == "native"
+    assert resolve_conv_impl("auto", "cpu") == "depth_folded"
     # An explicit choice is always honoured.
     assert resolve_conv_impl("folded") == "folded"
     assert resolve_conv_impl("native") == "native"
+    assert resolve_conv_impl("folded_ynnpack") == "folded_ynnpack"
     with pytest.raises(ValueError, match="conv_impl"):
         resolve_conv_impl("winograd")
+
+
+def test_every_named_conv_impl_is_a_lowering_with_ynnpack_off_or_on():
+    assert NAMED_CONV_IMPLS == (
+        "native",
+        "depth_folded",
+        "folded",
+        "native_ynnpack",
+        "depth_folded_ynnpack",
+        "folded_ynnpack",
+    )
+    assert [lowering(impl) for impl in NAMED_CONV_IMPLS] == [*LOWERINGS, *LOWERINGS]
+    # On GPU and TPU there is no YNNPACK: XLA's defaults whatever the name.
+    assert compiler_options("depth_folded", "gpu") is None
+    assert compiler_options("depth_folded_ynnpack", "gpu") is None
+    # On CPU, _ynnpack compiles with XLA's defaults (YNNPACK on), the rest without it.
+    assert compiler_options("folded_ynnpack", "cpu") is None
+    assert compiler_options("native", "cpu") in (None, {"xla_cpu_experimental_ynn_fusion_type": ""})
+    assert compiler_options("auto", "cpu") == compiler_options("depth_folded", "cpu")
 
 
 def _jaxpr_flops(jaxpr) -> int:
@@ -145,8 +176,7 @@ def _jaxpr_flops(jaxpr) -> int:
 
 @pytest.mark.slow
 def test_cpu_programs_compile_without_ynnpack_and_compute_the_same():
-    assert compiler_options("gpu") is None
-    options = compiler_options("cpu")
+    options = compiler_options("folded", "cpu")
     if options is None:
         pytest.skip("this XLA has no YNNPACK fusion to turn off")
     assert options == {"xla_cpu_experimental_ynn_fusion_type": ""}

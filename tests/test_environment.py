@@ -106,6 +106,18 @@ def test_a_resume_on_another_stack_says_what_changed():
     assert "from step 6 on" in note
 
 
+def test_the_record_keeps_the_resolved_lowering_and_a_resume_says_when_it_changed(tmp_path):
+    lowering = {"conv_impl": "depth_folded", "conv_impl_how": "cached", "conv_impl_seconds": {}}
+    before = environment.append_environment(tmp_path, 0, lowering)
+    assert environment.read_environments(tmp_path)[0]["conv_impl"] == "depth_folded"
+    after = {**environment.environment_record(5), "conv_impl": "folded_ynnpack"}
+    note = environment.resume_note([before], after)
+    assert "conv_impl: depth_folded -> folded_ynnpack" in note
+    # A record written before the lowering was kept does not count as a change.
+    older = {key: value for key, value in before.items() if not key.startswith("conv_impl")}
+    assert environment.resume_note([older], after) is None
+
+
 def test_a_torn_line_loses_that_record_and_not_the_run(tmp_path):
     first = environment.append_environment(tmp_path, 0)
     with open(tmp_path / environment.ENVIRONMENT_FILE, "a") as f:

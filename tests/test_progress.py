@@ -50,8 +50,8 @@ def run_output(tiny_phantom, tmp_path_factory):
     states, moves = {}, []
     jit_train_step = loop.jit_train_step
 
-    def recording_jit(step_fn, mesh):
-        compiled = jit_train_step(step_fn, mesh)
+    def recording_jit(step_fn, mesh, conv_impl):
+        compiled = jit_train_step(step_fn, mesh, conv_impl)
 
         def step(state, batch, rng):
             new_state, metrics = compiled(state, batch, rng)
@@ -89,6 +89,7 @@ def test_the_start_block_names_devices_parameters_cases_and_workdir(run_output):
     expected = [
         f"Training in {workdir}",
         f"  devices: {jax.device_count()} cpu device",
+        "  convolution: depth_folded (YNNPACK off) (auto, untimed default",
         "  parameters:",
         f"    level 1: downsample x4, 1 input channel, {level_1:,} parameters",
         f"    total: {total:,} parameters",
@@ -173,3 +174,11 @@ def test_the_start_block_names_the_fold_of_a_cross_validated_run(tiny_config, tm
     assert "  cases: 16 training, 4 held out by fold 2 of 5 (no validation during training)" in (
         block.splitlines()
     )
+
+
+def test_the_start_block_says_which_convolution_runs(tiny_config, tmp_path):
+    model = build_pyramid(tiny_config)
+    params = abstract_variables(model)["params"]
+    line = "folded (YNNPACK off) (auto: timed on this host in 3.1 s, kept in X; ...)"
+    block = progress.start_block(tiny_config, tmp_path, model, params, 16, 4, 0, False, line)
+    assert block.splitlines()[2] == f"  convolution: {line}"

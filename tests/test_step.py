@@ -57,7 +57,7 @@ def compiled_step():
     model = build_pyramid(config)
     optimizer = make_optimizer(config.train)
     mesh = parallel.make_mesh()
-    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh, model.conv_impl)
     return config, model, optimizer, mesh, step
 
 

@@ -16,13 +16,14 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from autocontext_jax.cli.common import no_arguments, quiet_logging, run_command
+from autocontext_jax.cli.common import COMPILATION_CACHE, no_arguments, quiet_logging, run_command
 from autocontext_jax.evaluation.diagnose import (
     JSON_FILE,
     MARKDOWN_FILE,
     diagnose_workdir,
 )
-from autocontext_jax.inference import load_run
+from autocontext_jax.inference import load_run, with_host_lowering
+from autocontext_jax.runtime.progress import say
 
 FLAGS = flags.FLAGS
 
@@ -39,7 +40,8 @@ def main(argv: list[str]) -> None:
     """Diagnose the run's newest checkpoint, print the tables, write them into the workdir."""
     no_arguments(argv)
     quiet_logging()
-    _, text = diagnose_workdir(load_run(FLAGS.workdir), FLAGS.train_cases)
+    run = with_host_lowering(load_run(FLAGS.workdir), COMPILATION_CACHE, say)
+    _, text = diagnose_workdir(run, FLAGS.train_cases)
     print(text)
     print(f"Wrote {MARKDOWN_FILE} and {JSON_FILE} into {FLAGS.workdir}")
 

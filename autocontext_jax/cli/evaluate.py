@@ -32,7 +32,13 @@ from collections.abc import Sequence
 
 from absl import app, flags
 
-from autocontext_jax.cli.common import checked_flag, no_arguments, quiet_logging, run_command
+from autocontext_jax.cli.common import (
+    COMPILATION_CACHE,
+    checked_flag,
+    no_arguments,
+    quiet_logging,
+    run_command,
+)
 from autocontext_jax.config import schema
 from autocontext_jax.data.labels import LABEL_MAP_PRESETS, NUM_PAPER_CLASSES, parse_label_map
 from autocontext_jax.evaluation import crossval
@@ -155,7 +161,9 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("--model goes with --data (the cases to score), not --workdir")
         model_file = pathlib.Path(FLAGS.model)
         output = FLAGS.output or model_file.with_name(f"{model_file.stem}_evaluation")
-        result = evaluate_model_file(model_file, FLAGS.data, output, FLAGS.nsd_tolerance_mm)
+        result = evaluate_model_file(
+            model_file, FLAGS.data, output, FLAGS.nsd_tolerance_mm, COMPILATION_CACHE
+        )
         print(summary_markdown(result))
         print(f"Wrote eval_cases.json and eval_summary.{{md,csv,json}} into {output}")
         return
@@ -164,7 +172,7 @@ def main(argv: list[str]) -> None:
             raise app.UsageError("give --workdir, or --predictions and --labels")
         evaluate_predictions()
         return
-    result = evaluate_workdir(FLAGS.workdir, FLAGS.data, FLAGS.nsd_tolerance_mm)
+    result = evaluate_workdir(FLAGS.workdir, FLAGS.data, FLAGS.nsd_tolerance_mm, COMPILATION_CACHE)
     print(summary_markdown(result))
     print(f"Wrote eval_cases.json and eval_summary.{{md,csv,json}} into {FLAGS.workdir}")
 

@@ -12,7 +12,13 @@ from collections.abc import Sequence
 
 from absl import flags
 
-from autocontext_jax.cli.common import fail, no_arguments, quiet_logging, run_command
+from autocontext_jax.cli.common import (
+    COMPILATION_CACHE,
+    fail,
+    no_arguments,
+    quiet_logging,
+    run_command,
+)
 from autocontext_jax.evaluation.figures import plot_run
 
 FLAGS = flags.FLAGS
@@ -30,7 +36,7 @@ def main(argv: list[str]) -> None:
     no_arguments(argv)
     quiet_logging()
     try:
-        paths = plot_run(FLAGS.workdir, FLAGS.case, FLAGS.data)
+        paths = plot_run(FLAGS.workdir, FLAGS.case, FLAGS.data, COMPILATION_CACHE)
     except ImportError as error:
         # matplotlib is an optional extra; the message says how to install it.
         fail("Cannot plot", error)

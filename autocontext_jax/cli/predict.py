@@ -38,7 +38,13 @@ from typing import NoReturn
 import numpy as np
 from absl import app, flags
 
-from autocontext_jax.cli.common import checked_flag, no_arguments, quiet_logging, run_command
+from autocontext_jax.cli.common import (
+    COMPILATION_CACHE,
+    checked_flag,
+    no_arguments,
+    quiet_logging,
+    run_command,
+)
 from autocontext_jax.data.atomic import write_json_atomically, write_text_atomically
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.data.labels import (
@@ -69,6 +75,7 @@ from autocontext_jax.inference import (
     default_options,
     load_model,
     predict_jobs,
+    with_host_lowerings,
 )
 from autocontext_jax.inference.predict import (
     check_outputs,
@@ -79,6 +86,7 @@ from autocontext_jax.inference.predict import (
 )
 from autocontext_jax.inference.statistics import statistics_csv, structure_statistics
 from autocontext_jax.runtime.preemption import StopSignals
+from autocontext_jax.runtime.progress import say
 
 STATISTICS_CSV = "statistics.csv"
 
@@ -283,6 +291,10 @@ def predict_command(argv: list[str]) -> None:
         for job in done:
             measured[job.case] = statistics_of_file(job, trained.class_names, trained.num_classes)
     finished_cases = [job.case for job in done]
+    if todo:
+        # Once every path and flag is checked: the convolution in this host's lowering
+        # (`auto` timed once per host and shapes, as training times it, then read back).
+        trained = with_host_lowerings(trained, COMPILATION_CACHE, say)
     # Ctrl-C (or SIGTERM) stops after the case in progress is written; a second one drops
     # it. Every file is written atomically, so no output is ever left half written.
     with StopSignals() as signals:

@@ -25,7 +25,7 @@ import ml_collections
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from autocontext_jax.cli.common import quiet_logging, run_command, verbose
+from autocontext_jax.cli.common import COMPILATION_CACHE, quiet_logging, run_command, verbose
 from autocontext_jax.config.schema import fit_to_run_length, validate_config
 from autocontext_jax.data.dataset import read_split
 from autocontext_jax.data.sampling import downsample_factor
@@ -35,11 +35,11 @@ from autocontext_jax.evaluation.validation import make_validator
 from autocontext_jax.inference import load_run
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.init import abstract_variables
-from autocontext_jax.runtime import multihost
+from autocontext_jax.runtime import autotune, multihost
 from autocontext_jax.runtime.checkpointing import CHECKPOINTS_DIR
 from autocontext_jax.runtime.logs import METRICS_FILE, TENSORBOARD_DIR
 from autocontext_jax.runtime.preemption import StoppedBySignalError
-from autocontext_jax.runtime.progress import parameter_lines
+from autocontext_jax.runtime.progress import parameter_lines, say
 from autocontext_jax.training.loop import train
 
 FLAGS = flags.FLAGS
@@ -64,9 +64,10 @@ def define_flags() -> None:
     flags.DEFINE_integer("process_id", None, "This process's index, from 0.")
     flags.DEFINE_string(
         "compilation_cache",
-        os.path.join(os.path.expanduser("~"), ".cache", "autocontext_jax", "xla"),
+        COMPILATION_CACHE,
         "Folder of XLA's persistent compilation cache, so a rerun of the same shapes starts "
-        "at once ('' turns it off).",
+        "at once, and of this host's timed choice of convolution lowering for "
+        "model.conv_impl=auto ('' turns both off: auto is then not timed).",
     )
 
 
@@ -117,20 +118,26 @@ def end_message(config: ml_collections.ConfigDict, workdir: str, step: int, eval
     )
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+def train_and_evaluate(
+    config: ml_collections.ConfigDict, workdir: str, compilation_cache: str = ""
+) -> dict[str, Any]:
     """Train in `workdir` (resuming if it holds a checkpoint), then evaluate the held-out cases.
 
-    Every `eval.every` steps the first `eval.num_cases` held-out cases are validated
-    (`evaluation.validation`). The evaluation at the end loads the run back from its
-    workdir (`inference.load_run`) and segments every held-out case as `predict` would;
-    its reports go to the workdir.
+    Training resolves `model.conv_impl` for this host (`auto`: timed once per host and
+    shapes, the choice kept in `compilation_cache`: runtime/autotune.py) and validates in
+    that lowering. Every `eval.every` steps the first `eval.num_cases` held-out cases are
+    validated (`evaluation.validation`). The evaluation at the end loads the run back from
+    its workdir (`inference.load_run`) and segments every held-out case as `predict` would,
+    in the lowering training ran; its reports go to the workdir.
     """
     validate = make_validator(workdir, config.eval.num_cases) if config.eval.every else None
-    step = train(config, workdir, validate)
+    step = train(config, workdir, validate, compilation_cache)
     result: dict[str, Any] = {"step": step}
     evaluated = bool(config.eval.at_end and read_split(workdir)["val"])
     if evaluated:
-        run = load_run(workdir)
+        # Training kept its choice in the cache (or had none to keep): read back, not timed.
+        conv_impl = autotune.resolve_lowering(config, compilation_cache, say=say).conv_impl
+        run = load_run(workdir, conv_impl=conv_impl)
         scores = evaluate_run(run, held_out_cases(run), tensorboard=True)
         result["dice"] = scores
         if jax.process_index() == 0:
@@ -174,7 +181,7 @@ def main(argv: list[str]) -> None:
     # A bad dataset or workdir, a diverged run or a failed save is one line
     # (cli.common.USER_ERRORS); a stop by a signal says how to resume.
     try:
-        train_and_evaluate(config, FLAGS.workdir)
+        train_and_evaluate(config, FLAGS.workdir, FLAGS.compilation_cache)
     except StoppedBySignalError as stopped:
         if jax.process_index() == 0:
             # The same command resumes: the run continues from its workdir's checkpoint.

@@ -345,9 +345,20 @@ FIELDS: tuple[Field, ...] = (
     Field(
         "model.conv_impl",
         "auto",
-        "Lowering of the 3x3x3 convolution: auto (native on GPU/TPU, depth_folded on CPU), "
-        "native, depth_folded or folded; all compute the same function (models/conv.py).",
-        choices=("auto", "native", "depth_folded", "folded"),
+        "Lowering of the 3x3x3 convolution: native, depth_folded or folded, compiled on CPU "
+        "without YNNPACK, or with it (XLA's default) as NAME_ynnpack; auto: on CPU the fastest "
+        "of the six, timed once per host and cached with the compilation cache "
+        "(runtime/autotune.py), native on GPU/TPU. All compute the same function "
+        "(models/conv.py).",
+        choices=(
+            "auto",
+            "native",
+            "depth_folded",
+            "folded",
+            "native_ynnpack",
+            "depth_folded_ynnpack",
+            "folded_ynnpack",
+        ),
         older="auto",
     ),
     # pyramid

@@ -19,10 +19,19 @@ from autocontext_jax.data import dataset as dataset_lib
 from autocontext_jax.data.errors import DatasetError
 from autocontext_jax.evaluation import metrics, visualize
 from autocontext_jax.evaluation.reports import mean_scores, write_report
-from autocontext_jax.inference import Model, Run, TilingOptions, load_model, load_run, segment
+from autocontext_jax.inference import (
+    Model,
+    Run,
+    TilingOptions,
+    load_model,
+    load_run,
+    segment,
+    with_host_lowering,
+    with_host_lowerings,
+)
 from autocontext_jax.inference.run import level_names
 from autocontext_jax.runtime import logs
-from autocontext_jax.runtime.progress import interactive
+from autocontext_jax.runtime.progress import interactive, say
 
 
 def dice_per_class(prediction: np.ndarray, reference: np.ndarray, num_classes: int) -> np.ndarray:
@@ -118,9 +127,14 @@ def evaluate_workdir(
     workdir: str | pathlib.Path,
     data_dir: str | os.PathLike | None = None,
     tolerance_mm: float | None = None,
+    lowering_cache: str | os.PathLike = "",
 ) -> dict[str, Any]:
-    """Evaluate the newest checkpoint of a run and write its reports into the workdir."""
-    run = load_run(workdir)
+    """Evaluate the newest checkpoint of a run and write its reports into the workdir.
+
+    `lowering_cache` holds this host's choice of convolution lowering
+    (`inference.with_host_lowering`; '': the config's, untimed).
+    """
+    run = with_host_lowering(load_run(workdir), lowering_cache, say)
     return evaluate_run(run, held_out_cases(run, data_dir), tolerance_mm)
 
 
@@ -129,12 +143,14 @@ def evaluate_model_file(
     data_dir: str | os.PathLike,
     output: str | pathlib.Path,
     tolerance_mm: float | None = None,
+    lowering_cache: str | os.PathLike = "",
 ) -> dict[str, Any]:
     """Evaluate an exported model (`autocontext export`) on every case of `data_dir`.
 
-    The reports a workdir gets (eval_cases.json, eval_summary.{md,csv,json}) go to `output`.
+    The reports a workdir gets (eval_cases.json, eval_summary.{md,csv,json}) go to `output`;
+    `lowering_cache`: see `evaluate_workdir`.
     """
-    model = load_model(model_files=[model_file])
+    model = with_host_lowerings(load_model(model_files=[model_file]), lowering_cache, say)
     result = evaluate_cases(model, dataset_lib.list_cases(data_dir), tolerance_mm=tolerance_mm)
     result["step"] = model.first.step
     pathlib.Path(output).mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,9 @@ from autocontext_jax.data.sampling import downsample_factor
 from autocontext_jax.evaluation import visualize
 from autocontext_jax.evaluation.evaluate import held_out_cases, load_case
 from autocontext_jax.evaluation.validation import CASES_KEY, DICE_PREFIX
-from autocontext_jax.inference import Run, load_run, segment
+from autocontext_jax.inference import Run, load_run, segment, with_host_lowering
 from autocontext_jax.runtime.logs import METRICS_FILE
+from autocontext_jax.runtime.progress import say
 
 PLOTS_DIR = "plots"
 
@@ -157,9 +158,14 @@ def plot_run(
     workdir: str | pathlib.Path,
     case_id: str | None = None,
     data_dir: str | os.PathLike | None = None,
+    lowering_cache: str | os.PathLike = "",
 ) -> list[pathlib.Path]:
-    """Write the slice and curve PNGs of a run into WORKDIR/plots; return their paths."""
-    run = load_run(workdir)
+    """Write the slice and curve PNGs of a run into WORKDIR/plots; return their paths.
+
+    `lowering_cache` holds this host's choice of convolution lowering
+    (`inference.with_host_lowering`; '': the config's, untimed).
+    """
+    run = with_host_lowering(load_run(workdir), lowering_cache, say)
     case, predictions = plot_case(run, case_id, data_dir)
     out = run.workdir / PLOTS_DIR
     out.mkdir(exist_ok=True)

@@ -27,11 +27,12 @@ def make_validator(workdir: str | pathlib.Path, num_cases: int) -> Validate:
     """A validator of the first `num_cases` held-out cases of the run in `workdir`.
 
     It reads the split, config and plan that training wrote into the workdir before its
-    first step, and returns ({}, "") when the run holds no case out.
+    first step, and returns ({}, "") when the run holds no case out. It segments in the
+    lowering training hands it (`conv_impl`, what training resolved `model.conv_impl` to).
     """
 
-    def validate(state: TrainState) -> tuple[dict[str, float], str]:
-        run = run_from_state(workdir, state)
+    def validate(state: TrainState, conv_impl: str) -> tuple[dict[str, float], str]:
+        run = run_from_state(workdir, state, conv_impl)
         files = held_out_cases(run)[:num_cases]
         if not files:
             return {}, ""

@@ -1,7 +1,13 @@
 """From a scan to labels: a trained run, the tiled pyramid, results back on the scan's grid."""
 
 from autocontext_jax.inference.export import ModelFileError, export_model, read_model_file
-from autocontext_jax.inference.model import MemberMismatchError, Model, as_model, load_model
+from autocontext_jax.inference.model import (
+    MemberMismatchError,
+    Model,
+    as_model,
+    load_model,
+    with_host_lowerings,
+)
 from autocontext_jax.inference.predict import (
     PredictedFile,
     PredictionJob,
@@ -17,6 +23,7 @@ from autocontext_jax.inference.run import (
     default_options,
     load_run,
     run_from_state,
+    with_host_lowering,
 )
 from autocontext_jax.inference.segment import Segmentation, segment
 from autocontext_jax.inference.tiling import WEIGHTINGS, TilingOptions, check_options
@@ -49,4 +56,6 @@ __all__ = [
     "run_from_state",
     "segment",
     "upsample_to_native",
+    "with_host_lowering",
+    "with_host_lowerings",
 ]

@@ -15,16 +15,29 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import ml_collections
 
 from autocontext_jax.data.plan import Plan
 from autocontext_jax.inference.export import is_model_file, read_model_file
-from autocontext_jax.inference.run import CheckpointError, Run, checkpoint_time, load_run
+from autocontext_jax.inference.run import (
+    CheckpointError,
+    Run,
+    checkpoint_time,
+    load_run,
+    with_host_lowering,
+)
 from autocontext_jax.runtime.checkpointing import CONFIG_FILE
 
-__all__ = ["MemberMismatchError", "Model", "as_model", "check_members", "load_model"]
+__all__ = [
+    "MemberMismatchError",
+    "Model",
+    "as_model",
+    "check_members",
+    "load_model",
+    "with_host_lowerings",
+]
 
 
 class MemberMismatchError(CheckpointError):
@@ -137,6 +150,17 @@ def run_folders(path: pathlib.Path) -> list[pathlib.Path]:
         return [path]
     found = sorted(child for child in path.iterdir() if (child / CONFIG_FILE).is_file())
     return found or [path]
+
+
+def with_host_lowerings(
+    model: Model, cache_folder: str | os.PathLike, say: Callable[[str], None] | None = None
+) -> Model:
+    """`model` with every member in the lowering its config resolves to on this host.
+
+    Members of other shapes may get other lowerings: each is the same function of its
+    parameters (`run.with_host_lowering`).
+    """
+    return Model(tuple(with_host_lowering(run, cache_folder, say) for run in model.members))
 
 
 def load_model(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import pathlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ml_collections
@@ -23,7 +23,7 @@ from autocontext_jax.data.labels import class_names
 from autocontext_jax.data.plan import Plan, load_run_plan
 from autocontext_jax.inference.tiling import TilingOptions
 from autocontext_jax.models import AutoContextPyramid, build_pyramid
-from autocontext_jax.runtime import parallel
+from autocontext_jax.runtime import autotune, parallel
 from autocontext_jax.runtime.checkpointing import (
     CHECKPOINTS_DIR,
     CheckpointError,
@@ -42,6 +42,7 @@ __all__ = [
     "default_options",
     "load_run",
     "run_from_state",
+    "with_host_lowering",
 ]
 
 
@@ -91,11 +92,13 @@ class Run:
         return self.model.num_poolings
 
 
-def _read_run(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, AutoContextPyramid, Plan]:
+def _read_run(
+    workdir: pathlib.Path, conv_impl: str | None
+) -> tuple[ml_collections.ConfigDict, AutoContextPyramid, Plan]:
     """(config, model, plan) of the run in `workdir`, from its config.json and plan.json."""
     config = read_run_config(workdir)
     try:
-        model = build_pyramid(config)
+        model = build_pyramid(config, conv_impl)
     except (AttributeError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"{workdir / 'config.json'}: cannot build the model ({error})"
@@ -107,29 +110,50 @@ def _read_run(workdir: pathlib.Path) -> tuple[ml_collections.ConfigDict, AutoCon
     return config, model, plan
 
 
-def load_run(workdir: str | os.PathLike, step: int | None = None) -> Run:
+def load_run(
+    workdir: str | os.PathLike, step: int | None = None, conv_impl: str | None = None
+) -> Run:
     """Load the run in `workdir` at checkpoint `step` (default: the newest).
 
     Shapes come from the run's config.json; only the variables it evaluates are read.
+    `conv_impl` is the lowering to build the model with, where `auto` was resolved for
+    this host (`with_host_lowering`); None: the config's, `auto` untimed.
     """
     workdir = pathlib.Path(workdir).absolute()
-    config, model, plan = _read_run(workdir)
+    config, model, plan = _read_run(workdir, conv_impl)
     sharding = parallel.replicated(parallel.make_mesh())
     variables, step = restore_evaluation_variables(workdir, model, config.train, sharding, step)
     return Run(workdir, config, model, variables, step, plan)
 
 
-def run_from_state(workdir: str | os.PathLike, state: TrainState) -> Run:
+def run_from_state(
+    workdir: str | os.PathLike, state: TrainState, conv_impl: str | None = None
+) -> Run:
     """The Run that `load_run` would give for a checkpoint of `state`, without saving one.
 
     Validation during training segments through this: the same config, plan and model
-    from the workdir, and the same variables (`evaluation_variables`, which
-    `restore_evaluation_variables` reads back from a checkpoint).
+    from the workdir (built with the training's `conv_impl`), and the same variables
+    (`evaluation_variables`, which `restore_evaluation_variables` reads back from a
+    checkpoint).
     """
     workdir = pathlib.Path(workdir).absolute()
-    config, model, plan = _read_run(workdir)
+    config, model, plan = _read_run(workdir, conv_impl)
     variables = evaluation_variables(state, config.train)
     return Run(workdir, config, model, variables, int(state.step), plan)
+
+
+def with_host_lowering(
+    run: Run, cache_folder: str | os.PathLike, say: Callable[[str], None] | None = None
+) -> Run:
+    """`run` with its model built in the lowering its config resolves to on this host.
+
+    `auto` is timed once per host and shapes, or read from `cache_folder`, as training
+    does (`autotune.resolve_lowering`), so a run predicts on another host than it trained
+    on in that host's own fastest lowering; every lowering computes the same function of
+    the same parameters. `say` gets autotune's lines for the user.
+    """
+    lowering = autotune.resolve_lowering(run.config, cache_folder, say=say)
+    return dataclasses.replace(run, model=run.model.clone(conv_impl=lowering.conv_impl))
 
 
 def default_options(config: ml_collections.ConfigDict, **overrides: Any) -> TilingOptions:

@@ -157,7 +157,7 @@ def make_tile_predictor(
         predict,
         in_shardings=(replicated, sharded, sharded if with_context else None),
         out_shardings=sharded,
-        compiler_options=conv.compiler_options(),
+        compiler_options=conv.compiler_options(model.conv_impl),
     )
 
 

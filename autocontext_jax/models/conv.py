@@ -9,7 +9,8 @@ quarters of it. So on CPU a k x k x k "same" convolution becomes 2D convolutions
 - output folding: one 2D convolution to k O channels, the partial sums of the k depth
   taps, then added with a shift of one slice per tap.
 
-`depth_folded` is input folding differentiated by autodiff, and what `auto` runs on CPU.
+`depth_folded` is input folding differentiated by autodiff, and what `auto` falls back to
+on CPU when it is not timed (runtime/autotune.py times the candidates once per host).
 `folded` has its own gradient, written for YNNPACK (the CPU kernel library XLA uses by
 default), whose kernels are fastest with many output channels and slow on the
 convolution autodiff makes of the kernel gradient: its forward pass folds the output when
@@ -17,10 +18,15 @@ C >= O and the input otherwise, its input gradient (the same "same" convolution,
 flipped, channels swapped) follows the same rule, and its kernel gradient is one matrix
 product per depth slice between that slice's k^3 C x (B H W) patch matrix (built
 channels-first, so its copies are long contiguous runs) and the output gradient. Our
-programs compile without YNNPACK (`compiler_options`); XLA's Eigen kernels then run both
-lowerings about equally fast, and `depth_folded` compiles in half the time. GPUs and TPUs
-run the native 3D convolution (cuDNN, the TPU convolution unit). Every lowering is the
-same function of the same kernel, so parameters and checkpoints do not care which ran.
+programs compile without YNNPACK unless their `model.conv_impl` ends in `_ynnpack`
+(`compiler_options`); XLA's Eigen kernels then run both lowerings about equally fast, and
+`depth_folded` compiles in half the time. GPUs and TPUs run the native 3D convolution
+(cuDNN, the TPU convolution unit). Every lowering is the same function of the same kernel,
+so parameters and checkpoints do not care which ran.
+
+YNNPACK is part of the conv_impl's name rather than a field of its own because it is a
+property of the compiled program that goes with the lowering: the two are timed together
+(`auto`), named together, and a named conv_impl then fixes both.
 """
 
 from __future__ import annotations
@@ -36,46 +42,73 @@ from autocontext_jax.config import schema
 
 # native: XLA's 3D convolution; depth_folded: input folding differentiated by autodiff;
 # folded: the per-shape folding with the hand-written gradient above.
+LOWERINGS = ("native", "depth_folded", "folded")
+# A conv_impl named LOWERING + this compiles with YNNPACK on (XLA's default on CPU); without
+# it, off. Meaningless on GPU and TPU, where YNNPACK does not run.
+YNNPACK_SUFFIX = "_ynnpack"
 CONV_IMPLS = schema.choices("model.conv_impl")
+# The named conv_impls, each a lowering with YNNPACK off, then on: what `auto` chooses from.
+NAMED_CONV_IMPLS = tuple(impl for impl in CONV_IMPLS if impl != "auto")
 
 
-def resolve_conv_impl(impl: str) -> str:
-    """The lowering `impl` stands for on the default backend.
+def untimed_default(backend: str | None = None) -> str:
+    """What `auto` is when it is not timed: `native` on GPU and TPU, `depth_folded` on CPU.
 
-    `auto` is the native convolution on GPU and TPU and `depth_folded` on CPU: compiled
-    without YNNPACK, it ran as fast as `folded` at the default and the paper crops
-    (within 2-4 %, interleaved in one process) and compiles in about half the time.
+    On CPU, compiled without YNNPACK, `depth_folded` ran as fast as `folded` at the default
+    and the paper crops (within 2-4 %, interleaved in one process) and compiles in about
+    half the time. `backend` defaults to JAX's default backend.
+    """
+    return "depth_folded" if (backend or jax.default_backend()) == "cpu" else "native"
+
+
+def resolve_conv_impl(impl: str, backend: str | None = None) -> str:
+    """The named conv_impl `impl` stands for: itself, or `untimed_default` for `auto`.
+
+    A run resolves `auto` by timing instead (runtime/autotune.py) and builds its model with
+    the named result, so `auto` reaches here only where nothing timed it.
     """
     if impl not in CONV_IMPLS:
         raise ValueError(f"model.conv_impl must be one of {CONV_IMPLS}, got {impl!r}")
-    if impl != "auto":
-        return impl
-    return "depth_folded" if jax.default_backend() == "cpu" else "native"
+    return untimed_default(backend) if impl == "auto" else impl
+
+
+def lowering(impl: str) -> str:
+    """The lowering of `impl` (one of LOWERINGS), its YNNPACK setting left aside."""
+    return resolve_conv_impl(impl).removesuffix(YNNPACK_SUFFIX)
 
 
 # On CPU, XLA hands 2D convolutions and matrix products to YNNPACK by default; with that
-# library turned off it runs them through Eigen. Interleaved in one process on the 2-core
-# CPU: the default train step 5-10 % faster, the paper's 6 % (with depth_folded), a forward
-# pass of an inference tile 1.3-1.5x faster; per layer, faster for most shapes, not all.
+# library turned off it runs them through Eigen. Interleaved in one process on the idle
+# 2-core CPU: the default train step 5-10 % faster, the paper's 6 % (with depth_folded), a
+# forward pass of an inference tile 1.3-1.5x faster; per layer, faster for most shapes,
+# not all. The same CPU loaded by other jobs ran the step 1.2-1.4x faster with YNNPACK on
+# (docs/performance.md): which is faster depends on the host, so `auto` times both.
 _CPU_COMPILER_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": ""}
 
 
 @functools.cache
-def compiler_options(backend: str | None = None) -> dict[str, str] | None:
-    """XLA options to compile a program of these convolutions with (None: XLA's defaults).
-
-    On CPU, YNNPACK fusion is turned off (see above); an XLA too old to know the option
-    has no YNNPACK to turn off. `backend` defaults to JAX's default backend.
-    """
-    if (backend or jax.default_backend()) != "cpu":
-        return None
+def _ynnpack_option_known() -> bool:
+    """Whether this XLA knows the option that turns YNNPACK off (an older one has none)."""
     try:
         jax.jit(lambda x: x + 1, compiler_options=_CPU_COMPILER_OPTIONS).lower(0.0).compile()
     except jax.errors.JaxRuntimeError as error:
         if "No such compile option" in str(error):
-            return None
+            return False
         raise
-    return dict(_CPU_COMPILER_OPTIONS)
+    return True
+
+
+def compiler_options(impl: str, backend: str | None = None) -> dict[str, str] | None:
+    """XLA options to compile a program of `impl`'s convolutions with (None: XLA's defaults).
+
+    On CPU, YNNPACK fusion is turned off unless `impl` ends in `_ynnpack` (see above); an
+    XLA too old to know the option has no YNNPACK to turn off. `backend` defaults to JAX's
+    default backend; `auto` is its untimed default.
+    """
+    backend = backend or jax.default_backend()
+    if backend != "cpu" or resolve_conv_impl(impl, backend).endswith(YNNPACK_SUFFIX):
+        return None
+    return dict(_CPU_COMPILER_OPTIONS) if _ynnpack_option_known() else None
 
 
 def _conv2d_same(x: jnp.ndarray, kernel: jnp.ndarray) -> jnp.ndarray:
@@ -186,7 +219,7 @@ _folded.defvjp(_folded_fwd, _folded_bwd)
 
 def conv3d_same(x: jnp.ndarray, kernel: jnp.ndarray, impl: str = "auto") -> jnp.ndarray:
     """Stride-1 "same" 3D convolution of channels-last `x` with a (k, k, k, C, O) kernel."""
-    impl = resolve_conv_impl(impl)
+    impl = lowering(impl)
     size = kernel.shape[0]
     if impl == "native" or size == 1:
         return jax.lax.conv_general_dilated(

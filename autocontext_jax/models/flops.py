@@ -14,6 +14,7 @@ import ml_collections
 import numpy as np
 
 from autocontext_jax.models.pyramid import build_pyramid
+from autocontext_jax.models.unet import conv_channels
 
 
 def unet_forward_flops(
@@ -23,19 +24,15 @@ def unet_forward_flops(
     voxels = [
         int(np.prod([n // 2**level for n in spatial_shape])) for level in range(num_poolings + 1)
     ]
-    macs = 0
-    channels = in_channels
-    for level in range(num_poolings + 1):
-        first, second = width * 2**level, width * 2 ** (level + 1)
-        macs += voxels[level] * 27 * (channels * first + first * second)
-        channels = second
-    for level in reversed(range(num_poolings)):
-        # Up-convolution: every coarse voxel writes a 2x2x2 block, channels kept.
-        macs += voxels[level + 1] * 8 * channels * channels
-        skip = width * 2 ** (level + 1)
-        macs += voxels[level] * 27 * ((skip + channels) * skip + skip * skip)
-        channels = skip
-    macs += voxels[0] * channels * num_classes
+    macs = sum(
+        voxels[level] * 27 * inputs * outputs
+        for level, inputs, outputs in conv_channels(in_channels, width, num_poolings)
+    )
+    # Up-convolution: every coarse voxel writes a 2x2x2 block, its w * 2^(l+2) channels kept.
+    macs += sum(
+        voxels[level + 1] * 8 * (width * 2 ** (level + 2)) ** 2 for level in range(num_poolings)
+    )
+    macs += voxels[0] * 2 * width * num_classes  # the 1x1x1 logits
     return 2 * macs
 
 

@@ -109,8 +109,15 @@ class AutoContextPyramid(nn.Module):
         return context.coarse_to_fine(self.num_levels, self.mode, run_level)
 
 
-def build_pyramid(config: ml_collections.ConfigDict) -> AutoContextPyramid:
-    """Build the pyramid module described by `config.model` and `config.pyramid`."""
+def build_pyramid(
+    config: ml_collections.ConfigDict, conv_impl: str | None = None
+) -> AutoContextPyramid:
+    """Build the pyramid module described by `config.model` and `config.pyramid`.
+
+    `conv_impl` is the lowering to build it with, where a run has resolved `auto` for its
+    host (runtime/autotune.py); None: the config's own, `auto` then its untimed default.
+    Every lowering computes the same function of the same parameters.
+    """
     return AutoContextPyramid(
         num_levels=config.pyramid.levels,
         mode=config.pyramid.mode,
@@ -120,6 +127,6 @@ def build_pyramid(config: ml_collections.ConfigDict) -> AutoContextPyramid:
         num_poolings=config.model.num_poolings,
         dtype=COMPUTE_DTYPES[config.model.compute_dtype],
         bn_momentum=config.model.bn_momentum,
-        conv_impl=config.model.conv_impl,
+        conv_impl=conv_impl or config.model.conv_impl,
         context_dropout=float(config.pyramid.context_dropout),
     )

@@ -85,6 +85,26 @@ def max_pool_2x2x2(x: jnp.ndarray) -> jnp.ndarray:
     return blocks.max(axis=(2, 4, 6))
 
 
+def conv_channels(in_channels: int, width: int, num_poolings: int) -> list[tuple[int, int, int]]:
+    """(level, input channels, output channels) of each 3x3x3 convolution of `UNet3D`, in order.
+
+    Level l runs at the input's size / 2^l. The layout of the module docstring, which
+    `UNet3D.__call__` builds and `flops.unet_forward_flops` counts.
+    """
+    layers = []
+    channels = in_channels
+    for level in range(num_poolings + 1):
+        first, second = width * 2**level, width * 2 ** (level + 1)
+        layers += [(level, channels, first), (level, first, second)]
+        channels = second
+    for level in reversed(range(num_poolings)):
+        # The up-convolution keeps its channels; the analysis skip is concatenated to them.
+        skip = width * 2 ** (level + 1)
+        layers += [(level, skip + channels, skip), (level, skip, skip)]
+        channels = skip
+    return layers
+
+
 class UNet3D(nn.Module):
     """Çiçek et al. 3D U-Net mapping (B, D, H, W, C_in) to (B, D, H, W, K) logits."""
 

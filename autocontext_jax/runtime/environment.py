@@ -37,7 +37,8 @@ PACKAGES = (
 )
 
 
-def _version(distribution: str) -> str | None:
+def package_version(distribution: str) -> str | None:
+    """The installed version of `distribution`, or None when it is not installed."""
     try:
         return importlib.metadata.version(distribution)
     except importlib.metadata.PackageNotFoundError:
@@ -75,8 +76,14 @@ def cpu_identity(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> dict[
     }
 
 
-def environment_record(start_step: int) -> dict[str, Any]:
-    """The software, devices and host of this process, for a train call from `start_step`."""
+def environment_record(
+    start_step: int, lowering: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The software, devices and host of this process, for a train call from `start_step`.
+
+    `lowering` is what the run's convolution resolved to on this host (`conv_impl`, how it
+    was chosen and its timings: runtime/autotune.py), recorded beside the rest.
+    """
     devices = jax.devices()
     return {
         "start_step": start_step,
@@ -84,22 +91,25 @@ def environment_record(start_step: int) -> dict[str, Any]:
         "host": socket.gethostname(),
         **cpu_identity(),
         "python": platform.python_version(),
-        "packages": {name: _version(name) for name in PACKAGES},
+        "packages": {name: package_version(name) for name in PACKAGES},
         "backend": jax.default_backend(),
         "devices": sorted({d.device_kind for d in devices}),
         "device_count": len(devices),
         "process_count": jax.process_count(),
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        **(lowering or {}),
     }
 
 
-def append_environment(workdir: str | pathlib.Path, start_step: int) -> dict[str, Any]:
+def append_environment(
+    workdir: str | pathlib.Path, start_step: int, lowering: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
     """Append this train call's `environment_record` to WORKDIR/environment.jsonl.
 
     The file is rewritten atomically, so a run killed while writing never leaves a torn
     line that would stop its resume.
     """
-    record = environment_record(start_step)
+    record = environment_record(start_step, lowering)
     lines = [json.dumps(r) + "\n" for r in [*read_environments(workdir), record]]
     write_text_atomically(pathlib.Path(workdir) / ENVIRONMENT_FILE, "".join(lines))
     return record
@@ -138,9 +148,17 @@ def stack(record: dict[str, Any]) -> tuple:
 
 
 def stack_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
-    """The parts of `stack` that differ between two records, as 'what: before -> after'."""
+    """The parts of `stack` that differ between two records, as 'what: before -> after'.
+
+    So does the convolution's lowering (`conv_impl`), which changes how the same function
+    is rounded, where both records name it (records written before it was kept do not).
+    """
     old, new = _stack_items(before), _stack_items(after)
-    return [f"{key}: {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
+    changes = [f"{key}: {old[key]} -> {new[key]}" for key in old if old[key] != new[key]]
+    lowerings = before.get("conv_impl"), after.get("conv_impl")
+    if None not in lowerings and lowerings[0] != lowerings[1]:
+        changes.append(f"conv_impl: {lowerings[0]} -> {lowerings[1]}")
+    return changes
 
 
 def resume_note(previous: list[dict[str, Any]], record: dict[str, Any]) -> str | None:

@@ -77,8 +77,12 @@ def start_block(
     held_out_cases: int,
     start_step: int,
     validating: bool,
+    convolution: str = "",
 ) -> str:
-    """The block training prints before its first step: devices, model, data, workdir."""
+    """The block training prints before its first step: devices, model, data, workdir.
+
+    `convolution` says which lowering of the convolution runs and why (`autotune.Lowering`).
+    """
     validation = "no validation during training"
     if validating and config.eval.every > 0 and held_out_cases > 0:
         cases = min(config.eval.num_cases, held_out_cases)
@@ -98,6 +102,7 @@ def start_block(
     lines = [
         f"Training in {workdir}",
         f"  devices: {device_line()}",
+        *([f"  convolution: {convolution}"] if convolution else []),
         "  parameters:",
         *(f"    {line}" for line in parameter_lines(model, params)),
         f"  cases: {train_cases} training, {held_out_cases} held out{fold} ({validation})",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
+import os
 import pathlib
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -30,6 +31,7 @@ from autocontext_jax.data.pipeline import (
 from autocontext_jax.data.plan import save_run_plan
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.runtime import (
+    autotune,
     checkpointing,
     environment,
     logs,
@@ -43,9 +45,10 @@ from autocontext_jax.training import phases
 from autocontext_jax.training.state import TrainState, restore_or_create_state
 from autocontext_jax.training.step import Batch, jit_train_step, make_train_steps
 
-# A train state -> (scalars, one line for the user), e.g. the held-out Dice; training
-# does not segment whole scans itself, so the caller hands this in (cli/train.py).
-Validate = Callable[[TrainState], tuple[dict[str, float], str]]
+# (a train state, the conv_impl training runs) -> (scalars, one line for the user), e.g.
+# the held-out Dice; training does not segment whole scans itself, so the caller hands this
+# in (cli/train.py), and segments in the lowering training resolved.
+Validate = Callable[[TrainState, str], tuple[dict[str, float], str]]
 
 
 class DivergedError(FloatingPointError):
@@ -148,6 +151,7 @@ def train_loop(
     pipeline_state: Callable[[int], dict] | None = None,
     stop: preemption.StopSignals | None = None,
     validate: Validate | None = None,
+    conv_impl: str = "auto",
 ) -> TrainState:
     """Run the steps from state.step to train.steps, logging and checkpointing as configured.
 
@@ -156,9 +160,9 @@ def train_loop(
 
     `pipeline_state(k)` is the input pipeline's state after step k's batch, saved with the
     checkpoint of step k. When `stop` says so after a step (a SIGTERM), that step is saved
-    and preemption.StoppedBySignalError raised. `validate(state)` runs every `eval.every`
-    steps; its scalars go to the logs with the seconds it took (`val_seconds`), its line
-    to the user.
+    and preemption.StoppedBySignalError raised. `validate(state, conv_impl)` runs every
+    `eval.every` steps; its scalars go to the logs with the seconds it took (`val_seconds`),
+    its line to the user. `conv_impl` is the lowering the steps were built with.
     """
     stop = stop or preemption.StopSignals()
 
@@ -208,7 +212,7 @@ def train_loop(
             if eval_every and step % eval_every == 0:
                 _stop_if_diverged(first_bad, step, manager)  # never validate a bad state
                 started = time.perf_counter()
-                scalars, line = validate(state)
+                scalars, line = validate(state, conv_impl)
                 seconds = time.perf_counter() - started
                 if scalars:
                     writer.write_scalars(step, {**scalars, "val_seconds": seconds})
@@ -253,12 +257,17 @@ def train(
     config: ml_collections.ConfigDict,
     workdir: str | pathlib.Path,
     validate: Validate | None = None,
+    lowering_cache: str | os.PathLike = "",
 ) -> int:
     """Train the pyramid in `workdir`, resuming from its newest checkpoint; the final step.
 
     The workdir gets the resolved config (data folders made absolute), the split, the
     plan, the checkpoints and the logs; evaluation reads the run back from there.
-    `validate` (see `train_loop`) runs every `eval.every` steps.
+    `validate` (see `train_loop`) runs every `eval.every` steps. `model.conv_impl` is
+    resolved for this host once the data is ready (`autotune.resolve_lowering`: `auto`
+    timed once per host and shapes, the choice kept in `lowering_cache`; '': untimed);
+    the saved config keeps what it asked for, environment.jsonl and the start block say
+    what it resolved to.
     """
     validate_config(config, jax.device_count())
     config = absolute_paths(config)
@@ -271,18 +280,23 @@ def train(
             note = held.enter_context(workdir_lock.hold(workdir))
             if note:
                 _say(note)
-        return _train_in(config, workdir, validate)
+        return _train_in(config, workdir, validate, lowering_cache)
 
 
 def _train_in(
-    config: ml_collections.ConfigDict, workdir: pathlib.Path, validate: Validate | None
+    config: ml_collections.ConfigDict,
+    workdir: pathlib.Path,
+    validate: Validate | None,
+    lowering_cache: str | os.PathLike,
 ) -> int:
     """`train`'s work once the workdir is held."""
     if jax.process_index() == 0:
         checkpointing.write_config(workdir, config, refuse=phases.moved_phases)
     sampler, _ = prepare_data(config, workdir)
+    # After the data, whose problems are worth hearing before a first timing of seconds.
+    lowering = autotune.resolve_lowering(config, lowering_cache, say=_say)
 
-    model = build_pyramid(config)
+    model = build_pyramid(config, lowering.conv_impl)
     optimizer = phases.make_run_optimizer(config)
     mesh = parallel.make_mesh()
     manager = checkpointing.make_manager(workdir, config)
@@ -294,9 +308,8 @@ def _train_in(
     # A finished run called again only re-evaluates: it trains nothing on this stack.
     if jax.process_index() == 0 and (restored_step or 0) < config.train.steps:
         previous = environment.read_environments(workdir)
-        note = environment.resume_note(
-            previous, environment.append_environment(workdir, restored_step or 0)
-        )
+        record = environment.append_environment(workdir, restored_step or 0, lowering.record())
+        note = environment.resume_note(previous, record)
         if note:
             _say(note)
     if jax.process_index() == 0:
@@ -311,6 +324,7 @@ def _train_in(
                 len(split["val"]),
                 restored_step or 0,
                 validate is not None,
+                lowering.describe(),
             )
         )
     host_batches = train_batches(
@@ -323,7 +337,10 @@ def _train_in(
     )
     batches = prefetch_to_device(host_batches, parallel.batch_sharded(mesh))
     # One compiled step per phase; jit compiles each on its first call.
-    train_steps = [jit_train_step(fn, mesh) for fn in make_train_steps(model, optimizer, config)]
+    train_steps = [
+        jit_train_step(fn, mesh, model.conv_impl)
+        for fn in make_train_steps(model, optimizer, config)
+    ]
     rng = parallel.replicated_key(config.seed + 1, mesh)
     try:
         # Before the steps a signal ends the process as usual: nothing is lost but the
@@ -340,6 +357,7 @@ def _train_in(
                 host_batches.state_at,
                 stop,
                 validate,
+                model.conv_impl,
             )
     finally:
         manager.close()

@@ -236,11 +236,13 @@ def make_train_steps(
 
 
 def jit_train_step(
-    train_step: Callable, mesh: jax.sharding.Mesh
+    train_step: Callable, mesh: jax.sharding.Mesh, conv_impl: str
 ) -> Callable[[TrainState, Batch, jax.Array], tuple[TrainState, Metrics]]:
     """Compile the step over `mesh`: batch split on its leading axis, the rest replicated.
 
     The state is donated so parameters and optimiser moments are updated in place.
+    `conv_impl` is the lowering the step's model was built with (`model.conv_impl`): it
+    says whether the program compiles with YNNPACK (`conv.compiler_options`).
     """
     replicated = parallel.replicated(mesh)
     return jax.jit(
@@ -248,5 +250,5 @@ def jit_train_step(
         in_shardings=(replicated, parallel.batch_sharded(mesh), replicated),
         out_shardings=(replicated, replicated),
         donate_argnums=(0,),
-        compiler_options=conv.compiler_options(),
+        compiler_options=conv.compiler_options(conv_impl),
     )
