@@ -37,13 +37,14 @@ import numpy as np
 from absl import app, flags
 
 from autocontext_jax import phantom
+from autocontext_jax.cli.common import COMPILATION_CACHE
 from autocontext_jax.config.files import load_config_file
 from autocontext_jax.data.augment import spatial_augmentation_on
 from autocontext_jax.data.pipeline import train_batches
 from autocontext_jax.models import build_pyramid
-from autocontext_jax.models.conv import resolve_conv_impl
+from autocontext_jax.models.conv import CONV_IMPLS
 from autocontext_jax.models.flops import train_step_flops
-from autocontext_jax.runtime import parallel
+from autocontext_jax.runtime import autotune, parallel
 from autocontext_jax.training import loop
 from autocontext_jax.training.state import create_train_state, make_optimizer
 from autocontext_jax.training.step import jit_train_step, make_train_step
@@ -52,7 +53,17 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 
 _CONFIGS = flags.DEFINE_list("configs", ["default", "paper"], "configs/NAME.py to time.")
 _SCOPES = flags.DEFINE_list("scopes", ["unet", "pyramid"], "unet (one level) and/or pyramid.")
-_IMPLS = flags.DEFINE_list("impls", ["auto"], "model.conv_impl values to time side by side.")
+_IMPLS = flags.DEFINE_list(
+    "impls",
+    ["auto"],
+    "model.conv_impl values to time side by side, interleaved ('candidates': every named one, "
+    "the six that auto chooses from on CPU).",
+)
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache",
+    COMPILATION_CACHE,
+    "Where auto's timed choice for this host is kept, as for training ('': auto untimed).",
+)
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
 _PAPER_BATCH = flags.DEFINE_integer(
     "paper_batch", 1, "Batch of the paper config (the paper used 3; 1 keeps a CPU run short)."
@@ -84,9 +95,15 @@ def case_config(name: str, scope: str, impl: str) -> ml_collections.ConfigDict:
     return config
 
 
-def impl_label(impl: str) -> str:
-    """The lowering's name; for `auto`, what it picks on this backend."""
-    return f"auto: {resolve_conv_impl(impl)}" if impl == "auto" else impl
+def impls() -> list[str]:
+    """The conv_impls of --impls, `candidates` spelled out."""
+    named = [impl for impl in CONV_IMPLS if impl != "auto"]
+    return [name for impl in _IMPLS.value for name in (named if impl == "candidates" else [impl])]
+
+
+def resolve(config: ml_collections.ConfigDict) -> autotune.Lowering:
+    """What the config's conv_impl runs as on this host, `auto` resolved as training does."""
+    return autotune.resolve_lowering(config, _COMPILATION_CACHE.value, say=print)
 
 
 def median_seconds(function, repeats: int) -> float:
@@ -141,27 +158,45 @@ def peak_memory_mb(compiled) -> float:
     return total / 2**20
 
 
-def time_jax_step(config: ml_collections.ConfigDict, steps: int) -> dict[str, float]:
-    """Compile and time the project's train step (training.step.make_train_step) for `config`."""
+def compile_jax_step(config: ml_collections.ConfigDict, conv_impl: str) -> dict:
+    """The project's train step (training.step.make_train_step) for `config`, compiled.
+
+    Its `run()` runs one step and waits for it; also its compile time and peak memory.
+    """
     mesh = parallel.make_mesh()
-    model = build_pyramid(config)
+    model = build_pyramid(config, conv_impl)
     optimizer = make_optimizer(config.train)
     state = create_train_state(model, optimizer, config.seed)
-    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh, model.conv_impl)
     batch = parallel.put_batch(synthetic_batch(config), parallel.batch_sharded(mesh))
     rng = jax.random.key(0)
     start = time.perf_counter()
     compiled = step.lower(state, batch, rng).compile()
     compile_s = time.perf_counter() - start
 
-    def run_step() -> None:
+    def run() -> None:
         nonlocal state
         state, metrics = compiled(state, batch, rng)
         metrics["loss"].block_until_ready()
 
-    run_step()
-    seconds = median_seconds(run_step, steps)
-    return {"compile_s": compile_s, "median_s": seconds, "memory_mb": peak_memory_mb(compiled)}
+    run()  # the first call allocates: not timed
+    return {"run": run, "compile_s": compile_s, "memory_mb": peak_memory_mb(compiled)}
+
+
+def time_interleaved(runs: dict[str, object], steps: int) -> dict[str, float]:
+    """Median seconds of each of `runs`, one step of each in turn (rotating), `steps` rounds.
+
+    Interleaved so that a machine whose load changes during the benchmark treats them alike.
+    """
+    names = list(runs)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for index in range(steps):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            start = time.perf_counter()
+            runs[name]()
+            times[name].append(time.perf_counter() - start)
+    return {name: float(np.median(values)) for name, values in times.items()}
 
 
 def time_end_to_end(
@@ -175,10 +210,10 @@ def time_end_to_end(
     with tempfile.TemporaryDirectory() as workdir:
         sampler, _ = loop.prepare_data(config, pathlib.Path(workdir))
     mesh = parallel.make_mesh()
-    model = build_pyramid(config)
+    model = build_pyramid(config, resolve(config).conv_impl)
     optimizer = make_optimizer(config.train)
     state = create_train_state(model, optimizer, config.seed)
-    step = jit_train_step(make_train_step(model, optimizer, config), mesh)
+    step = jit_train_step(make_train_step(model, optimizer, config), mesh, model.conv_impl)
     batches = loop.prefetch_to_device(
         train_batches(sampler, config, 0), parallel.batch_sharded(mesh)
     )
@@ -259,27 +294,44 @@ def main(argv: list[str]) -> None:
     for name in _CONFIGS.value:
         for scope in _SCOPES.value:
             torch_seconds = None
-            for impl in _IMPLS.value:
+            steps, labels = {}, {}
+            for impl in impls():
                 config = case_config(name, scope, impl)
-                result = time_jax_step(config, _STEPS.value)
+                lowering = resolve(config)
+                if impl == "auto":
+                    print(f"{name}, {scope}: auto runs {lowering.describe()}", flush=True)
+                labels[impl] = f"auto: {lowering.conv_impl}" if impl == "auto" else impl
+                steps[impl] = compile_jax_step(config, lowering.conv_impl)
+            seconds = time_interleaved({impl: s["run"] for impl, s in steps.items()}, _STEPS.value)
+            for impl, result in steps.items():
+                config = case_config(name, scope, impl)
                 if torch_reference is not None and torch_seconds is None:
                     torch_seconds = torch_reference.time_train_step(config, _STEPS.value)[
                         "median_s"
                     ]
                 flops = train_step_flops(config)
                 voxels = config.train.batch_size * config.pyramid.levels * config.data.crop_size**3
-                gflops = flops / result["median_s"] / 1e9
+                gflops = flops / seconds[impl] / 1e9
                 torch_cell = f"{torch_seconds:.3f}" if torch_seconds else "-"
-                ratio = f"{result['median_s'] / torch_seconds:.2f}" if torch_seconds else "-"
+                ratio = f"{seconds[impl] / torch_seconds:.2f}" if torch_seconds else "-"
                 print(
                     f"| {name} | {scope} | {config.train.batch_size} x {config.data.crop_size}³ "
-                    f"| {config.model.width} | {impl_label(impl)} "
-                    f"| {result['compile_s']:.1f} | {result['median_s']:.3f} "
-                    f"| {voxels / result['median_s'] / 1e6:.2f} | {gflops:.1f} "
+                    f"| {config.model.width} | {labels[impl]} "
+                    f"| {result['compile_s']:.1f} | {seconds[impl]:.3f} "
+                    f"| {voxels / seconds[impl] / 1e6:.2f} | {gflops:.1f} "
                     f"| {100 * gflops / peak:.0f} | {result['memory_mb']:.0f} "
                     f"| {torch_cell} | {ratio} |",
                     flush=True,
                 )
+            fastest = min(seconds, key=seconds.get)
+            print(
+                f"{name}, {scope}: fastest {labels[fastest]}; "
+                + ", ".join(
+                    f"{labels[impl]} x{seconds[impl] / seconds[fastest]:.2f}"
+                    for impl in sorted(seconds, key=seconds.get)
+                ),
+                flush=True,
+            )
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print(f"process peak RSS: {max_rss:.0f} MB")
     loops = _CONFIGS.value if _END_TO_END.value is None else _END_TO_END.value
