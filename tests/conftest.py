@@ -6,6 +6,7 @@ import atexit
 import contextlib
 import dataclasses
 import io
+import os
 import pathlib
 import re
 import shutil
@@ -23,10 +24,17 @@ import pytest
 from absl import flags
 from tensorboardX.proto import event_pb2
 
-from autocontext_jax import phantom
-from autocontext_jax.cli import commands
-from autocontext_jax.config.files import load_config_file
-from autocontext_jax.training.loop import train
+# The commands' cache folder (XLA's cache and the timed choice of convolution lowering,
+# cli/common.COMPILATION_CACHE) is the session's own, for the commands run in this process
+# and in subprocesses alike: the tests never write into the user's home. Set before the
+# commands are imported: their COMPILATION_CACHE is read once, on import.
+os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="autocontext_tests_cache_")
+atexit.register(shutil.rmtree, os.environ["XDG_CACHE_HOME"], ignore_errors=True)
+
+from autocontext_jax import phantom  # noqa: E402
+from autocontext_jax.cli import commands  # noqa: E402
+from autocontext_jax.config.files import load_config_file  # noqa: E402
+from autocontext_jax.training.loop import train  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -43,6 +51,10 @@ def _compile_each_program_once() -> None:
 
 
 _compile_each_program_once()
+# The tiny runs name the lowering that `auto` is untimed (models/conv.untimed_default): what
+# the tests compute then never depends on what a timing on a busy machine chose, and no
+# test pays for one. auto's timing and cache have their own tests (test_autotune.py).
+TINY_CONV_IMPL = "depth_folded"
 TINY_PHANTOM_SHAPE = (48, 40, 32)
 TINY_PHANTOM_SPACING = (4.0, 4.0, 4.0)
 
@@ -70,6 +82,7 @@ def make_tiny_config(data_dir: str = "unused") -> ml_collections.ConfigDict:
     config.train.warmup_steps = 1
     config.train.checkpoint_every = 2
     config.train.log_every = 2
+    config.model.conv_impl = TINY_CONV_IMPL
     return config
 
 
@@ -98,6 +111,7 @@ def tiny_train_command(data_dir, workdir, *overrides: str) -> list[str]:
         "--config.model.num_poolings=1",
         "--config.train.batch_size=2",
         "--config.train.warmup_steps=1",
+        f"--config.model.conv_impl={TINY_CONV_IMPL}",
         *overrides,
     ]
 

@@ -89,7 +89,7 @@ def test_the_start_block_names_devices_parameters_cases_and_workdir(run_output):
     expected = [
         f"Training in {workdir}",
         f"  devices: {jax.device_count()} cpu device",
-        "  convolution: depth_folded (YNNPACK off) (auto, untimed default",
+        "  convolution: depth_folded (YNNPACK off), as model.conv_impl names it",
         "  parameters:",
         f"    level 1: downsample x4, 1 input channel, {level_1:,} parameters",
         f"    total: {total:,} parameters",

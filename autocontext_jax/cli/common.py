@@ -35,8 +35,13 @@ VERSION_OPTION = "--version"
 PLATFORMS = ("cpu", "gpu", "tpu")
 # XLA's persistent compilation cache (`train --compilation_cache`), where this host's timed
 # choice of convolution lowering is kept too (runtime/autotune.py); the commands that only
-# segment read and write that choice here.
-COMPILATION_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "autocontext_jax", "xla")
+# segment read and write that choice here. Under $XDG_CACHE_HOME where it is set, as the
+# freedesktop convention has it (~/.cache otherwise).
+COMPILATION_CACHE = os.path.join(
+    os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"),
+    "autocontext_jax",
+    "xla",
+)
 OVERRIDE_HELP = (
     "Any field of the config can be overridden: --config.a.b=value, e.g.\n"
     "    --config.train.steps=200 --config.pyramid.levels=3 --config.data.dir=/data/Task07"
