@@ -23,6 +23,7 @@ step waits for data, 1 - bare / end-to-end seconds per step.
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import pathlib
 import resource
@@ -44,7 +45,7 @@ from autocontext_jax.data.pipeline import train_batches
 from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.conv import CONV_IMPLS
 from autocontext_jax.models.flops import train_step_flops
-from autocontext_jax.runtime import autotune, parallel
+from autocontext_jax.runtime import autotune, environment, parallel
 from autocontext_jax.training import loop
 from autocontext_jax.training.state import create_train_state, make_optimizer
 from autocontext_jax.training.step import jit_train_step, make_train_step
@@ -275,6 +276,47 @@ def print_end_to_end(names: list[str]) -> None:
             )
 
 
+def level_alone_config(name: str, level: int, impl: str) -> ml_collections.ConfigDict:
+    """Pyramid level `level` of config `name` as a one-level step: its input channels, its crop.
+
+    Every level sees a crop of the same voxels at its own resolution, so what tells the
+    levels apart is their input channels (the image, plus the coarser level's softmax where
+    the context mode gives one).
+    """
+    config = case_config(name, "unet", impl)
+    config.model.in_channels = build_pyramid(case_config(name, "pyramid", impl)).level_in_channels(
+        level
+    )
+    return config
+
+
+def cases_of(name: str) -> dict[str, ml_collections.ConfigDict]:
+    """The scopes of config `name` to time, each with its config (lowering left `auto`).
+
+    `unet` is level 1 alone; with `pyramid`, each level whose input channels differ from
+    level 1's is timed alone too (`level N alone`), so that the pyramid can be set against
+    the sum of its levels.
+    """
+    cases = {}
+    if "unet" in _SCOPES.value or "pyramid" in _SCOPES.value:
+        cases["unet"] = case_config(name, "unet", "auto")
+    if "pyramid" in _SCOPES.value:
+        pyramid = case_config(name, "pyramid", "auto")
+        for level in range(2, pyramid.pyramid.levels + 1):
+            alone = level_alone_config(name, level, "auto")
+            if alone.model.in_channels != cases["unet"].model.in_channels:
+                cases.setdefault(f"level {level} alone ({alone.model.in_channels} ch)", alone)
+        cases["pyramid"] = pyramid
+    return cases
+
+
+def level_scopes(cases: dict[str, ml_collections.ConfigDict]) -> list[str]:
+    """The scope timing each level of the pyramid alone, level 1 first (one per level)."""
+    pyramid = build_pyramid(cases["pyramid"])
+    by_channels = {config.model.in_channels: scope for scope, config in cases.items()}
+    return [by_channels[pyramid.level_in_channels(level)] for level in range(1, len(pyramid) + 1)]
+
+
 def main(argv: list[str]) -> None:
     """Print one table row per (config, scope, lowering), PyTorch beside it; then the loop."""
     del argv
@@ -284,51 +326,71 @@ def main(argv: list[str]) -> None:
         import torch_reference  # noqa: PLC0415 -- optional, only when torch is installed
     peak, source = matmul_peak_gflops(_DTYPE.value)
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0]}")
+    print(f"CPU: {environment.cpu_identity()['cpu']}")
     print(f"{_DTYPE.value} matmul peak: {peak:.0f} GFLOP/s ({source})")
     header = (
         "| config | scope | batch x crop | width | conv | compile s | s/step | Mvoxel/s "
-        "| GFLOP/s | % peak | memory MB | torch s/step | JAX/torch |"
+        "| GFLOP/s | % peak | memory MB | pyramid / sum of levels | torch s/step | JAX/torch |"
     )
     print(header)
     print("|" + " --- |" * (header.count("|") - 1))
     for name in _CONFIGS.value:
-        for scope in _SCOPES.value:
-            torch_seconds = None
-            steps, labels = {}, {}
+        cases = cases_of(name)
+        # Every scope and lowering of a config compiled first, then their steps interleaved
+        # in one loop, so that the pyramid and its levels alone see the same machine.
+        steps, labels = {}, {}
+        for scope, base in cases.items():
             for impl in impls():
-                config = case_config(name, scope, impl)
+                config = base.copy_and_resolve_references()
+                config.model.conv_impl = impl
                 lowering = resolve(config)
                 if impl == "auto":
                     print(f"{name}, {scope}: auto runs {lowering.describe()}", flush=True)
-                labels[impl] = f"auto: {lowering.conv_impl}" if impl == "auto" else impl
-                steps[impl] = compile_jax_step(config, lowering.conv_impl)
-            seconds = time_interleaved({impl: s["run"] for impl, s in steps.items()}, _STEPS.value)
-            for impl, result in steps.items():
-                config = case_config(name, scope, impl)
-                if torch_reference is not None and torch_seconds is None:
-                    torch_seconds = torch_reference.time_train_step(config, _STEPS.value)[
-                        "median_s"
-                    ]
-                flops = train_step_flops(config)
-                voxels = config.train.batch_size * config.pyramid.levels * config.data.crop_size**3
-                gflops = flops / seconds[impl] / 1e9
-                torch_cell = f"{torch_seconds:.3f}" if torch_seconds else "-"
-                ratio = f"{seconds[impl] / torch_seconds:.2f}" if torch_seconds else "-"
-                print(
-                    f"| {name} | {scope} | {config.train.batch_size} x {config.data.crop_size}³ "
-                    f"| {config.model.width} | {labels[impl]} "
-                    f"| {result['compile_s']:.1f} | {seconds[impl]:.3f} "
-                    f"| {voxels / seconds[impl] / 1e6:.2f} | {gflops:.1f} "
-                    f"| {100 * gflops / peak:.0f} | {result['memory_mb']:.0f} "
-                    f"| {torch_cell} | {ratio} |",
-                    flush=True,
-                )
-            fastest = min(seconds, key=seconds.get)
+                labels[scope, impl] = f"auto: {lowering.conv_impl}" if impl == "auto" else impl
+                steps[scope, impl] = compile_jax_step(config, lowering.conv_impl)
+        seconds = time_interleaved({key: s.pop("run") for key, s in steps.items()}, _STEPS.value)
+        # The steps' states are freed here: the paper config's would crowd PyTorch's out.
+        gc.collect()
+        torch_seconds = {}
+        if torch_reference is not None:
+            for scope, config in cases.items():
+                torch_seconds[scope] = torch_reference.time_train_step(config, _STEPS.value)[
+                    "median_s"
+                ]
+        alone = level_scopes(cases) if "pyramid" in cases else []
+        for (scope, impl), result in steps.items():
+            config = cases[scope]
+            flops = train_step_flops(config)
+            voxels = config.train.batch_size * config.pyramid.levels * config.data.crop_size**3
+            took = seconds[scope, impl]
+            gflops = flops / took / 1e9
+            ratio_to_levels = "-"
+            if scope == "pyramid":
+                ratio_to_levels = f"{took / sum(seconds[level, impl] for level in alone):.2f}"
+            torch_took = torch_seconds.get(scope)
             print(
-                f"{name}, {scope}: fastest {labels[fastest]}; "
+                f"| {name} | {scope} | {config.train.batch_size} x {config.data.crop_size}³ "
+                f"| {config.model.width} | {labels[scope, impl]} "
+                f"| {result['compile_s']:.1f} | {took:.3f} "
+                f"| {voxels / took / 1e6:.2f} | {gflops:.1f} "
+                f"| {100 * gflops / peak:.0f} | {result['memory_mb']:.0f} | {ratio_to_levels} "
+                f"| {f'{torch_took:.3f}' if torch_took else '-'} "
+                f"| {f'{took / torch_took:.2f}' if torch_took else '-'} |",
+                flush=True,
+            )
+        if alone and torch_seconds:
+            torch_ratio = torch_seconds["pyramid"] / sum(torch_seconds[level] for level in alone)
+            print(f"{name}: torch pyramid / sum of levels {torch_ratio:.2f}", flush=True)
+        for scope in cases:
+            if scope not in _SCOPES.value or len(impls()) == 1:
+                continue
+            timed = {impl: seconds[scope, impl] for impl in impls()}
+            fastest = min(timed, key=timed.get)
+            print(
+                f"{name}, {scope}: fastest {labels[scope, fastest]}; "
                 + ", ".join(
-                    f"{labels[impl]} x{seconds[impl] / seconds[fastest]:.2f}"
-                    for impl in sorted(seconds, key=seconds.get)
+                    f"{labels[scope, impl]} x{timed[impl] / timed[fastest]:.2f}"
+                    for impl in sorted(timed, key=timed.get)
                 ),
                 flush=True,
             )
