@@ -313,8 +313,12 @@ def cases_of(name: str) -> dict[str, ml_collections.ConfigDict]:
 def level_scopes(cases: dict[str, ml_collections.ConfigDict]) -> list[str]:
     """The scope timing each level of the pyramid alone, level 1 first (one per level)."""
     pyramid = build_pyramid(cases["pyramid"])
-    by_channels = {config.model.in_channels: scope for scope, config in cases.items()}
-    return [by_channels[pyramid.level_in_channels(level)] for level in range(1, len(pyramid) + 1)]
+    by_channels = {
+        config.model.in_channels: scope for scope, config in cases.items() if scope != "pyramid"
+    }
+    return [
+        by_channels[pyramid.level_in_channels(level)] for level in range(1, pyramid.num_levels + 1)
+    ]
 
 
 def main(argv: list[str]) -> None:
