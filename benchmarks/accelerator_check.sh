@@ -2,7 +2,8 @@
 # The accelerator checks, in one go (one GPU or TPU host): the train step of the paper
 # config (batch 3, 64^3) in bfloat16 and float32, the default config, the real training
 # loop of both (pipeline with the spatial warp on the device, prefetch, step) beside their
-# bare step, tiled inference of a CT-sized volume, and the equivalence tests there.
+# bare step, the pyramid against the sum of its levels (each level timed alone beside it),
+# tiled inference of a CT-sized volume, and the equivalence tests there.
 #   bash benchmarks/accelerator_check.sh [RESULTS_DIR]
 # Each part runs in its own process, so each reports its own peak device memory.
 set -uo pipefail
