@@ -471,3 +471,26 @@ def test_the_closed_loop_noise_of_a_failed_save_is_silenced_and_nothing_else():
     hook(closed)
     hook(other)
     assert seen == [other]
+
+
+def test_the_cache_folder_follows_xdg_cache_home_else_the_home(tmp_path):
+    # Read once, on import: a fresh interpreter for each environment.
+    program = "from autocontext_jax.cli.common import COMPILATION_CACHE; print(COMPILATION_CACHE)"
+    environment = {key: value for key, value in os.environ.items() if key != "XDG_CACHE_HOME"}
+    environment["HOME"] = str(tmp_path / "home")
+
+    def folder(**extra: str) -> str:
+        command = [sys.executable, "-c", program]
+        result = subprocess.run(
+            command, capture_output=True, text=True, env={**environment, **extra}
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip()
+
+    assert folder() == str(tmp_path / "home" / ".cache" / "autocontext_jax" / "xla")
+    cache = tmp_path / "xdg"
+    assert folder(XDG_CACHE_HOME=str(cache)) == str(cache / "autocontext_jax" / "xla")
+    # An empty XDG_CACHE_HOME is unset, as the convention has it.
+    assert folder(XDG_CACHE_HOME="") == str(
+        tmp_path / "home" / ".cache" / "autocontext_jax" / "xla"
+    )
