@@ -348,7 +348,7 @@ FIELDS: tuple[Field, ...] = (
         "Lowering of the 3x3x3 convolution: native, depth_folded or folded, compiled on CPU "
         "without YNNPACK, or with it (XLA's default) as NAME_ynnpack; auto: on CPU the six "
         "timed once per host and shapes and the choice cached with the compilation cache, "
-        "depth_folded kept unless another is over 2x faster (runtime/autotune.py); native "
+        "depth_folded kept unless another is over 3x faster (runtime/autotune.py); native "
         "on GPU/TPU. All compute the same function (models/conv.py).",
         choices=(
             "auto",
