@@ -73,6 +73,8 @@ def profile(run, steps: int) -> tuple[float, dict[str, float]]:
 def main(argv: list[str]) -> None:
     """Print the pyramid's operations by kind beside the sum of its levels' alone."""
     del argv
+    if train_step._KEEP_FREED_MEMORY.value:
+        train_step.keep_freed_memory()
     name = _CONFIG.value
     cases = train_step.cases_of(name)
     if "pyramid" not in cases:

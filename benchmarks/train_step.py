@@ -46,6 +46,7 @@ from autocontext_jax.models import build_pyramid
 from autocontext_jax.models.conv import CONV_IMPLS
 from autocontext_jax.models.flops import train_step_flops
 from autocontext_jax.runtime import autotune, environment, parallel
+from autocontext_jax.runtime.memory import keep_freed_memory
 from autocontext_jax.training import loop
 from autocontext_jax.training.state import create_train_state, make_optimizer
 from autocontext_jax.training.step import jit_train_step, make_train_step
@@ -66,6 +67,12 @@ _COMPILATION_CACHE = flags.DEFINE_string(
     "Where auto's timed choice for this host is kept, as for training ('': auto untimed).",
 )
 _STEPS = flags.DEFINE_integer("steps", 5, "Timed steps per case (after one warm-up step).")
+_KEEP_FREED_MEMORY = flags.DEFINE_bool(
+    "keep_freed_memory",
+    True,
+    "Keep freed large blocks for the next step, as the commands do (runtime/memory.py); "
+    "false: glibc's default, unmapped and faulted in again every step.",
+)
 _PAPER_BATCH = flags.DEFINE_integer(
     "paper_batch", 1, "Batch of the paper config (the paper used 3; 1 keeps a CPU run short)."
 )
@@ -324,13 +331,15 @@ def level_scopes(cases: dict[str, ml_collections.ConfigDict]) -> list[str]:
 def main(argv: list[str]) -> None:
     """Print one table row per (config, scope, lowering), PyTorch beside it; then the loop."""
     del argv
+    # Before anything starts JAX's backends (the commands do the same, cli/common.py).
+    kept = _KEEP_FREED_MEMORY.value and keep_freed_memory()
     torch_reference = None
     if _TORCH.value and importlib.util.find_spec("torch") is not None:
         sys.path.insert(0, str(REPO / "benchmarks"))
         import torch_reference  # noqa: PLC0415 -- optional, only when torch is installed
     peak, source = matmul_peak_gflops(_DTYPE.value)
     print(f"backend {jax.default_backend()}, {jax.device_count()} device(s): {jax.devices()[0]}")
-    print(f"CPU: {environment.cpu_identity()['cpu']}")
+    print(f"CPU: {environment.cpu_identity()['cpu']}; freed memory kept: {kept}")
     print(f"{_DTYPE.value} matmul peak: {peak:.0f} GFLOP/s ({source})")
     header = (
         "| config | scope | batch x crop | width | conv | compile s | s/step | Mvoxel/s "

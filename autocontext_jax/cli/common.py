@@ -24,6 +24,7 @@ from autocontext_jax.evaluation.crossval import CrossValidationError
 from autocontext_jax.evaluation.diagnose import DiagnoseError
 from autocontext_jax.inference import MemberMismatchError, ModelFileError
 from autocontext_jax.runtime.checkpointing import CheckpointError, SaveError
+from autocontext_jax.runtime.memory import keep_freed_memory
 from autocontext_jax.runtime.workdir_lock import WorkdirBusyError
 from autocontext_jax.training.loop import DivergedError
 
@@ -354,6 +355,8 @@ def run_command(
     def start(remaining: list[str]) -> None:
         quiet_start_up()
         if computes:
+            # Before JAX starts its backends, so that XLA's threads share the one arena.
+            keep_freed_memory()
             use_platform(flags.FLAGS.platform)
         previous_hook, previous_unraisable = sys.excepthook, sys.unraisablehook
         if not verbose():
