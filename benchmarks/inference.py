@@ -48,6 +48,7 @@ from autocontext_jax.models import build_pyramid  # noqa: E402
 from autocontext_jax.models.flops import unet_forward_flops  # noqa: E402
 from autocontext_jax.models.init import init_variables  # noqa: E402
 from autocontext_jax.runtime import autotune, parallel  # noqa: E402
+from autocontext_jax.runtime.memory import keep_freed_memory  # noqa: E402
 
 # MONAI's sliding windows are timed beside ours only where torch and monai are installed.
 MONAI_INSTALLED = all(importlib.util.find_spec(name) for name in ("torch", "monai"))
@@ -353,9 +354,18 @@ def main() -> None:
     )
     parser.add_argument("--monai_runs", type=int, default=3, help="timed runs of each, median")
     parser.add_argument(
+        "--keep_freed_memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep freed large blocks for reuse, as predict does (runtime/memory.py)",
+    )
+    parser.add_argument(
         "--monai_scopes", nargs="+", default=["unet", "pyramid"], choices=["unet", "pyramid"]
     )
     args = parser.parse_args()
+    # Before anything starts JAX's backends, as the commands do (cli/common.py).
+    kept = args.keep_freed_memory and keep_freed_memory()
+    print(f"freed memory kept: {kept}", flush=True)
     if args.monai and not MONAI_INSTALLED:
         print(
             "MONAI comparison skipped: torch and monai are not installed "
