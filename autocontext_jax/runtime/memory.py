@@ -4,10 +4,11 @@ XLA's CPU runtime allocates every execution's temporaries anew (the paper pyrami
 step: 4.3 GB) and frees them at its end. glibc's malloc serves blocks that large with
 mmap and returns them with munmap, so each step touches all of that memory fresh: on the
 2-core development CPU, about 520,000 minor page faults per step of one paper-size U-Net
-level and 952,000 per pyramid step, and a pyramid step that cost 1.01 to 1.07 times its
+level and 952,000 per pyramid step, and a pyramid step that cost 1.01 to 1.10 times its
 two levels from one run to the next (docs/performance.md). Served from the heap and never
 trimmed, the same blocks are reused by the next step: no page faults after the first,
-and the pyramid at or under the sum of its levels.
+the paper-size steps 6-19 % faster, and the pyramid at 0.99 and 1.02 times the sum of its
+levels in two runs.
 
 Only the allocator's policy changes, never a value: XLA places its buffers at the same
 alignment either way. The cost is that the process keeps its peak heap until it exits,
