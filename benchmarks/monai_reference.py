@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-import os
 from typing import Any
 
 import jax
@@ -50,11 +49,12 @@ from autocontext_jax.inference import tiling
 from autocontext_jax.inference.pyramid import pad_to_multiple, pyramid_volumes
 from autocontext_jax.models import context
 from autocontext_jax.models.pyramid import AutoContextPyramid
+from autocontext_jax.runtime import environment
 
 
 def use_all_cores() -> int:
     """Give torch one intra-op thread per schedulable core, as XLA's CPU client takes; the count."""
-    cores = len(os.sched_getaffinity(0))
+    cores = environment.usable_cores()
     torch.set_num_threads(cores)
     return cores
 

@@ -176,19 +176,12 @@ def probe_layers(config: ml_collections.ConfigDict, device_count: int) -> tuple[
     return tuple(layers)
 
 
-def _usable_cores() -> int:
-    """The CPU cores this process may run on (a container's or taskset's share)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
-
-
 def cache_key(layers: Sequence[Layer], dtype: str) -> dict[str, Any]:
     """Everything that changes which lowering is fastest, for the timed `layers` in `dtype`."""
     return {
         "format": CACHE_FORMAT,
         **environment.cpu_identity(),
-        "cores": _usable_cores(),
+        "cores": environment.usable_cores(),
         "backend": jax.default_backend(),
         "jax": environment.package_version("jax"),
         "jaxlib": environment.package_version("jaxlib"),

@@ -76,6 +76,13 @@ def cpu_identity(cpuinfo: pathlib.Path = pathlib.Path("/proc/cpuinfo")) -> dict[
     }
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (a container's or taskset's share)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def environment_record(
     start_step: int, lowering: Mapping[str, Any] | None = None
 ) -> dict[str, Any]:
