@@ -283,36 +283,28 @@ def print_end_to_end(names: list[str]) -> None:
             )
 
 
-def level_alone_config(name: str, level: int, impl: str) -> ml_collections.ConfigDict:
-    """Pyramid level `level` of config `name` as a one-level step: its input channels, its crop.
-
-    Every level sees a crop of the same voxels at its own resolution, so what tells the
-    levels apart is their input channels (the image, plus the coarser level's softmax where
-    the context mode gives one).
-    """
-    config = case_config(name, "unet", impl)
-    config.model.in_channels = build_pyramid(case_config(name, "pyramid", impl)).level_in_channels(
-        level
-    )
-    return config
-
-
 def cases_of(name: str) -> dict[str, ml_collections.ConfigDict]:
     """The scopes of config `name` to time, each with its config (lowering left `auto`).
 
     `unet` is level 1 alone; with `pyramid`, each level whose input channels differ from
-    level 1's is timed alone too (`level N alone`), so that the pyramid can be set against
-    the sum of its levels.
+    level 1's is timed alone too (`level N alone`, the U-Net's config with that level's
+    channels), so that the pyramid can be set against the sum of its levels. Every level
+    sees a crop of the same voxels at its own resolution, so what tells the levels apart
+    is their input channels (the image, plus the coarser level's softmax where the context
+    mode gives one).
     """
     cases = {}
     if "unet" in _SCOPES.value or "pyramid" in _SCOPES.value:
         cases["unet"] = case_config(name, "unet", "auto")
     if "pyramid" in _SCOPES.value:
         pyramid = case_config(name, "pyramid", "auto")
-        for level in range(2, pyramid.pyramid.levels + 1):
-            alone = level_alone_config(name, level, "auto")
-            if alone.model.in_channels != cases["unet"].model.in_channels:
-                cases.setdefault(f"level {level} alone ({alone.model.in_channels} ch)", alone)
+        model = build_pyramid(pyramid)
+        for level in range(2, model.num_levels + 1):
+            channels = model.level_in_channels(level)
+            if channels != cases["unet"].model.in_channels:
+                alone = cases["unet"].copy_and_resolve_references()
+                alone.model.in_channels = channels
+                cases.setdefault(f"level {level} alone ({channels} ch)", alone)
         cases["pyramid"] = pyramid
     return cases
 
